@@ -1,0 +1,32 @@
+// Declarations of every eagle3 operator implementation (CPU and CUDA).
+// The schemas live in torch_bindings.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace eagle3 {
+
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor rms_norm_cat_cpu(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& weights,
+                            double eps, bool shared_stats);
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                          const OptTensor& weight, double eps);
+at::Tensor rms_norm_cat_linear_cpu(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
+                                   const std::string& norm);
+
+#ifdef EAGLE3_WITH_CUDA
+at::Tensor rms_norm_cat_cuda(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& weights,
+                             double eps, bool shared_stats);
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                           const OptTensor& weight, double eps);
+at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
+                                    const std::string& norm);
+#endif
+
+}  // namespace eagle3

@@ -1,0 +1,38 @@
+// Every eagle3 operator schema, and the CPU / CUDA implementations behind them.
+#include "ops.h"
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(eagle3, m) {
+  // K >= 1 inputs [..., H_k] (views with any row stride) -> [..., sum H_k]; chunk k is the
+  // RMSNorm of xs[k] with weights[k] (None, x's dtype or float32). shared_stats: one RMS
+  // statistic over the whole concatenated row, the weights still applied per chunk.
+  m.def("rms_norm_cat(Tensor[] xs, Tensor?[] weights, float eps, bool shared_stats=False) -> Tensor");
+  // (normed, residual_sum): residual_sum = x + residual in x's dtype, normed = RMSNorm of the fp32 sum.
+  m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  // fc(norm_cat(xs)) with the norm weights already folded into weight [N, sum H_k];
+  // norm is "none", "chunk" (one statistic per chunk) or "shared" (one over the row).
+  m.def("rms_norm_cat_linear(Tensor[] xs, Tensor weight, float eps, str norm) -> Tensor");
+  // "cuda" when this build holds the CUDA kernels, else "cpu" (eagle3_ops.has_cuda_kernels()).
+  m.def("_build_info() -> str", []() -> std::string {
+#ifdef EAGLE3_WITH_CUDA
+    return "cuda";
+#else
+    return "cpu";
+#endif
+  });
+}
+
+TORCH_LIBRARY_IMPL(eagle3, CPU, m) {
+  m.impl("rms_norm_cat", &eagle3::rms_norm_cat_cpu);
+  m.impl("fused_add_rms_norm", &eagle3::fused_add_rms_norm_cpu);
+  m.impl("rms_norm_cat_linear", &eagle3::rms_norm_cat_linear_cpu);
+}
+
+#ifdef EAGLE3_WITH_CUDA
+TORCH_LIBRARY_IMPL(eagle3, CUDA, m) {
+  m.impl("rms_norm_cat", &eagle3::rms_norm_cat_cuda);
+  m.impl("fused_add_rms_norm", &eagle3::fused_add_rms_norm_cuda);
+  m.impl("rms_norm_cat_linear", &eagle3::rms_norm_cat_linear_cuda);
+}
+#endif

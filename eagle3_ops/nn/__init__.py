@@ -1,0 +1,1 @@
+"""Drop-in modules (see the modules issue)."""
