@@ -38,9 +38,11 @@ class CMakeBuild(build_ext):
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
         ]
-        for var in ("EAGLE3_WITH_CUDA", "EAGLE3_CUDA_ARCH_LIST", "CUDA_TOOLKIT_ROOT_DIR"):
-            if os.environ.get(var):
-                args.append(f"-D{var}={os.environ[var]}")
+        # Always passed, so a value cached by an earlier configure never lingers.
+        args.append(f"-DEAGLE3_WITH_CUDA={os.environ.get('EAGLE3_WITH_CUDA') or 'AUTO'}")
+        args.append(f"-DEAGLE3_CUDA_ARCH_LIST={os.environ.get('EAGLE3_CUDA_ARCH_LIST') or '8.0;9.0a'}")
+        if os.environ.get("CUDA_TOOLKIT_ROOT_DIR"):
+            args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={os.environ['CUDA_TOOLKIT_ROOT_DIR']}")
         if shutil.which("ninja", path=str(Path(sys.executable).parent)) or shutil.which("ninja"):
             args += ["-G", "Ninja"]
         subprocess.check_call(args)

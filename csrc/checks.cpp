@@ -31,6 +31,13 @@ at::Tensor as_rows(const at::Tensor& x) {
 
 at::Tensor weight_1d(const at::Tensor& w) { return w.is_contiguous() ? w : w.contiguous(); }
 
+std::vector<at::Tensor> weights_as_1d(const std::vector<OptTensor>& weights) {
+  std::vector<at::Tensor> out;
+  out.reserve(weights.size());
+  for (const auto& w : weights) out.push_back(w.has_value() ? weight_1d(*w) : at::Tensor());
+  return out;
+}
+
 void check_eps(const char* op, double eps) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": eps must be a finite number > 0, got ", eps);
 }

@@ -45,5 +45,7 @@ void check_linear_weight(const ChunkRows& c, const at::Tensor& weight);
 at::Tensor as_rows(const at::Tensor& x);
 // A weight as a contiguous 1-D tensor (weights are tiny; a strided one is copied).
 at::Tensor weight_1d(const at::Tensor& w);
+// weight_1d of each present weight; an undefined tensor where the entry is None.
+std::vector<at::Tensor> weights_as_1d(const std::vector<OptTensor>& weights);
 
 }  // namespace eagle3

@@ -56,12 +56,6 @@ at::Tensor norm_cat_rows(const ChunkRows& c, const std::vector<at::Tensor>& weig
   return out;
 }
 
-std::vector<at::Tensor> weights_as_1d(const std::vector<OptTensor>& weights) {
-  std::vector<at::Tensor> out;
-  for (const auto& w : weights) out.push_back(w.has_value() ? weight_1d(*w) : at::Tensor());
-  return out;
-}
-
 }  // namespace
 
 at::Tensor rms_norm_cat_cpu(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& weights, double eps,

@@ -1,1 +1,154 @@
+// fused_add_rms_norm on CUDA: (normed, residual_sum) in one launch.
+//
+// One block per row (grid-stride). x and residual rows are staged in shared memory with
+// 16-byte cp.async copies; sweep 1 forms s = x + residual in fp32, writes it rounded and
+// sums its squares; after one barrier, sweep 2 forms s again from the staged rows and
+// writes the normalised row. Each thread touches only the elements it staged itself.
+#include "cuda/common.cuh"
 
+#include <ATen/ATen.h>
+
+namespace eagle3::cuda {
+namespace {
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxStageBytes = 100 * 1024;
+
+template <typename T, bool kStaged>
+__global__ void __launch_bounds__(kMaxThreads)
+fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,        // [T, H]
+                          const T* __restrict__ res, const int64_t res_stride,    // [T, H]
+                          const void* __restrict__ w, const int w_kind,           // [H] or null
+                          T* __restrict__ normed, T* __restrict__ sum,            // [T, H] contiguous
+                          const int64_t num_rows, const int width, const float eps, const bool vec) {
+  constexpr int V = Vec<T>::N;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int nwarps = blockDim.x / 32;
+  float* warp_sums = reinterpret_cast<float*>(smem_raw);  // [nwarps], 32 floats reserved
+  const int width_pad = (width + V - 1) / V * V;
+  T* stage_x = reinterpret_cast<T*>(smem_raw + 32 * sizeof(float));
+  T* stage_r = stage_x + width_pad;
+  const float* wf = static_cast<const float*>(w);
+  const T* wt = static_cast<const T*>(w);
+
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const T* xr = x + row * x_stride;
+    const T* rr = res + row * res_stride;
+    if constexpr (kStaged) {
+      if (vec) {
+        for (int i = threadIdx.x * V; i < width; i += blockDim.x * V) {
+          cp_async16(stage_x + i, xr + i);
+          cp_async16(stage_r + i, rr + i);
+        }
+      } else {
+        for (int i = threadIdx.x; i < width; i += blockDim.x) { stage_x[i] = xr[i]; stage_r[i] = rr[i]; }
+      }
+      cp_async_wait_all();
+      xr = stage_x;
+      rr = stage_r;
+    }
+    T* sum_row = sum + row * static_cast<int64_t>(width);
+    T* out_row = normed + row * static_cast<int64_t>(width);
+    float ss = 0.f;
+    if (vec) {
+      for (int i = threadIdx.x * V; i < width; i += blockDim.x * V) {
+        const Vec<T> a = load_vec(xr + i), b = load_vec(rr + i);
+        Vec<T> s;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float f = to_float(a.v[j]) + to_float(b.v[j]);
+          ss += f * f;
+          s.v[j] = from_float<T>(f);
+        }
+        store_vec(sum_row + i, s);
+      }
+    } else {
+      for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float f = to_float(xr[i]) + to_float(rr[i]);
+        ss += f * f;
+        sum_row[i] = from_float<T>(f);
+      }
+    }
+    ss = warp_sum(ss);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ss;
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < nwarps; ++i) total += warp_sums[i];
+    const float scale = rsqrtf(total / static_cast<float>(width) + eps);
+    if (vec) {
+      for (int i = threadIdx.x * V; i < width; i += blockDim.x * V) {
+        const Vec<T> a = load_vec(xr + i), b = load_vec(rr + i);
+        float wv[V];
+        if (w_kind == kWeightSameType) {
+          const Vec<T> q = load_vec_ro(wt + i);
+#pragma unroll
+          for (int j = 0; j < V; ++j) wv[j] = to_float(q.v[j]);
+        } else if (w_kind == kWeightFp32) {
+#pragma unroll
+          for (int q = 0; q < V / 4; ++q) {
+            const float4 f = __ldg(reinterpret_cast<const float4*>(wf + i) + q);
+            wv[4 * q] = f.x; wv[4 * q + 1] = f.y; wv[4 * q + 2] = f.z; wv[4 * q + 3] = f.w;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) wv[j] = 1.f;
+        }
+        Vec<T> y;
+#pragma unroll
+        for (int j = 0; j < V; ++j) y.v[j] = from_float<T>((to_float(a.v[j]) + to_float(b.v[j])) * scale * wv[j]);
+        store_vec(out_row + i, y);
+      }
+    } else {
+      for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float wv = w_kind == kWeightSameType ? to_float(wt[i]) : (w_kind == kWeightFp32 ? wf[i] : 1.f);
+        out_row[i] = from_float<T>((to_float(xr[i]) + to_float(rr[i])) * scale * wv);
+      }
+    }
+    __syncthreads();  // warp_sums and the stage are reused by the block's next row
+  }
+}
+
+}  // namespace
+}  // namespace eagle3::cuda
+
+namespace eagle3 {
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                           const OptTensor& weight, double eps) {
+  using namespace eagle3::cuda;
+  auto [x2, r2] = check_fused_add(x, residual, weight, eps);
+  at::Tensor normed = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor sum = at::empty_like(normed);
+  const int64_t rows = x2.size(0), width = x2.size(1);
+  if (rows == 0) return {normed, sum};
+  TORCH_CHECK_VALUE(width <= INT32_MAX, "fused_add_rms_norm: width ", width, " exceeds 2^31 - 1");
+  const at::Tensor w = weight.has_value() ? weight_1d(*weight) : at::Tensor();
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int device = x.get_device();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+
+  EAGLE3_DISPATCH_FLOAT_TYPES(x.scalar_type(), "fused_add_rms_norm", [&] {
+    constexpr int V = Vec<scalar_t>::N;
+    const void* wp = w.defined() ? w.data_ptr() : nullptr;
+    const int w_kind = !w.defined() ? kNoWeight : (w.scalar_type() == x.scalar_type() ? kWeightSameType : kWeightFp32);
+    const bool vec = aligned16(x2.data_ptr()) && aligned16(r2.data_ptr()) && x2.stride(0) % V == 0 &&
+                     r2.stride(0) % V == 0 && width % V == 0 && (wp == nullptr || aligned16(wp));
+    const int threads = threads_for(vec ? width / V : width);
+    const int64_t width_pad = (width + V - 1) / V * V;
+    const int64_t staged_bytes = 32 * sizeof(float) + 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t));
+    const bool staged = staged_bytes <= std::min<int64_t>(kMaxStageBytes, max_smem_optin(device));
+    const int64_t smem = staged ? staged_bytes : 32 * sizeof(float);
+    auto* kernel = staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    const int64_t grid = std::min<int64_t>(rows, INT32_MAX);
+    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
+        static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
+        r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
+        rows, static_cast<int>(width), static_cast<float>(eps), vec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {normed, sum};
+}
+
+}  // namespace eagle3

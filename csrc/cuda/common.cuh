@@ -1,0 +1,122 @@
+// Shared CUDA building blocks of every eagle3 kernel: the dtype dispatch, the 16-byte
+// vector type and its conversions, warp / block reductions, cp.async staging, the
+// per-chunk argument table, and launch helpers. Kernels include only this header
+// (plus their own); no ATen/cuda/CUDAContext.h (the toolkit here ships no cuBLAS headers).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "checks.h"
+
+namespace eagle3::cuda {
+
+// ---- dtype dispatch: at::ScalarType -> device type `scalar_t` ------------------------------
+#define EAGLE3_DISPATCH_FLOAT_TYPES(DTYPE, NAME, ...)                                              \
+  [&] {                                                                                            \
+    switch (DTYPE) {                                                                               \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                           \
+      case at::kHalf: { using scalar_t = __half; return __VA_ARGS__(); }                           \
+      case at::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); }                \
+      default: TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE);                            \
+    }                                                                                              \
+  }()
+
+// ---- scalar conversions ----------------------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// ---- the 16-byte vector ----------------------------------------------------------------------
+constexpr int kVecBytes = 16;
+template <typename T>
+struct alignas(kVecBytes) Vec {
+  static constexpr int N = kVecBytes / sizeof(T);
+  T v[N];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec<T> load_vec(const T* p) { return *reinterpret_cast<const Vec<T>*>(p); }
+// Read-only path, for data every block reads again (weights).
+template <typename T>
+__device__ __forceinline__ Vec<T> load_vec_ro(const T* p) {
+  Vec<T> out;
+  *reinterpret_cast<int4*>(&out) = __ldg(reinterpret_cast<const int4*>(p));
+  return out;
+}
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
+
+__host__ __device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) == 0;
+}
+
+// ---- reductions ------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---- cp.async (sm_80+): global -> shared without passing through registers ---------------------
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// ---- the per-chunk argument table (passed by value, no device allocation) --------------------
+enum WeightKind : uint8_t { kNoWeight = 0, kWeightSameType = 1, kWeightFp32 = 2 };
+
+struct ChunkDesc {
+  const void* x;      // [T, width], row stride x_stride elements, last dim contiguous
+  const void* w;      // [width] contiguous, or nullptr
+  int64_t x_stride;
+  int32_t width;
+  int32_t out_off;    // first output column of this chunk
+  int32_t smem_off;   // first staged element of this chunk (multiple of the vector width)
+  uint8_t vec;        // 1: every access of this chunk can be 16 bytes wide
+  uint8_t w_kind;     // WeightKind
+};
+
+struct ChunkTable {
+  ChunkDesc c[kMaxChunks];
+};
+
+// ---- launch helpers --------------------------------------------------------------------------
+int max_smem_optin(int device);  // cudaDevAttrMaxSharedMemoryPerBlockOptin, cached per device
+int sm_count(int device);        // multiprocessors, cached per device
+
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Threads for a row whose largest chunk has `max_vecs` vectors: at most 512, a multiple of
+// 32, and a whole number of vectors per thread for that chunk.
+inline int threads_for(int64_t max_vecs) {
+  const int64_t per_thread = (max_vecs + 511) / 512;
+  const int64_t t = (max_vecs + per_thread - 1) / per_thread;
+  return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(64, round_up(static_cast<int>(t), 32))));
+}
+
+}  // namespace eagle3::cuda
+
+namespace eagle3::cuda {
+
+// Normalises (per chunk, shared, or not at all) the chunks of `c` into out [T, sum H_k]
+// (contiguous, allocated by the caller) with one launch of the rms_norm_cat kernel.
+// weights_1d: empty, or one entry per chunk (undefined = no weight), contiguous 1-D.
+void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
+                     at::Tensor& out);
+
+}  // namespace eagle3::cuda
