@@ -13,6 +13,15 @@ TORCH_LIBRARY(eagle3, m) {
   // fc(norm_cat(xs)) with the norm weights already folded into weight [N, sum H_k];
   // norm is "none", "chunk" (one statistic per chunk) or "shared" (one over the row).
   m.def("rms_norm_cat_linear(Tensor[] xs, Tensor weight, float eps, str norm) -> Tensor");
+  // Largest T served by the fc's CUDA decode kernel (0: always norm_cat + cuBLAS); sets it
+  // and returns the previous value, -1 only queries. For benchmarks that compare the paths.
+  m.def("_fc_decode_max_tokens(int value=-1) -> int", [](int64_t value) -> int64_t {
+#ifdef EAGLE3_WITH_CUDA
+    return eagle3::fc_decode_max_tokens(value);
+#else
+    return 0;
+#endif
+  });
   // "cuda" when this build holds the CUDA kernels, else "cpu" (eagle3_ops.has_cuda_kernels()).
   m.def("_build_info() -> str", []() -> std::string {
 #ifdef EAGLE3_WITH_CUDA

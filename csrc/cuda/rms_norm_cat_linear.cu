@@ -1,14 +1,154 @@
-// rms_norm_cat_linear on CUDA.
+// rms_norm_cat_linear on CUDA: fc(norm_cat(xs)) with the norm weights folded into `weight`.
 //
-// Present implementation: the normalised concatenation is written once by the
-// rms_norm_cat kernel (no norm weights: they are folded into `weight`), then one cuBLAS
-// GEMM through ATen. This is the "rms_norm_cat + cuBLAS" pair that the fused kernels
-// must beat size by size before they take over (see the fc issue).
+// Two paths, chosen per call by the number of tokens T:
+//  * decode (T <= fc_decode_max_tokens, every access 16-byte aligned): one launch of
+//    fc_decode_kernel. Each warp streams R rows of the weight once and, for every token,
+//    accumulates per chunk both the raw dot product with the chunk and the chunk's sum of
+//    squares; at the chunk's end it applies r_k = rsqrt(mean(x_k^2) + eps) to the fp32
+//    partial (the identity of DESIGN.md section 2, item 3). The normalised concatenation
+//    never exists in memory.
+//  * otherwise: the rms_norm_cat kernel writes the normalised concatenation once and one
+//    cuBLAS GEMM (through ATen) applies the fc — the pair a tensor-core kernel must beat
+//    before it takes over at prefill sizes.
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+
+namespace eagle3::cuda {
+namespace {
+
+constexpr int kDecodeWarps = 8;  // warps per block
+constexpr int kDecodeRows = 2;   // weight rows per warp
+
+// A 16-byte load that skips L1 (the weight is streamed once; L1 keeps the activations).
+__device__ __forceinline__ int4 load_stream(const void* p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+template <typename T, int TT>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+fc_decode_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
+                 const T* __restrict__ weight,  // [N, total], rows contiguous
+                 const int64_t n_out, const int total,
+                 T* __restrict__ out,           // [T, N] contiguous
+                 const int num_tokens, const float eps, const int mode) {
+  constexpr int V = Vec<T>::N;
+  constexpr int R = kDecodeRows;
+  const int lane = threadIdx.x % 32;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kDecodeWarps + threadIdx.x / 32) * R;
+  if (n0 >= n_out) return;
+  const T* wrow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) wrow[r] = weight + std::min<int64_t>(n0 + r, n_out - 1) * total;
+
+  float acc[R][TT] = {};
+  float shared_ss[TT] = {};
+  for (int k = 0; k < num_chunks; ++k) {
+    const ChunkDesc& c = tab.c[k];
+    const T* xk = static_cast<const T*>(c.x);
+    float dot[R][TT] = {};
+    float ss[TT] = {};
+#pragma unroll 2
+    for (int j = lane * V; j < c.width; j += 32 * V) {
+      float wf[R][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int4 raw = load_stream(wrow[r] + c.out_off + j);
+        const Vec<T>& wv = *reinterpret_cast<const Vec<T>*>(&raw);
+#pragma unroll
+        for (int e = 0; e < V; ++e) wf[r][e] = to_float(wv.v[e]);
+      }
+#pragma unroll
+      for (int t = 0; t < TT; ++t) {
+        if (t < num_tokens) {
+          const Vec<T> xv = load_vec_ro(xk + t * c.x_stride + j);
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            const float xf = to_float(xv.v[e]);
+            ss[t] += xf * xf;
+#pragma unroll
+            for (int r = 0; r < R; ++r) dot[r][t] += xf * wf[r][e];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+      const float s = warp_sum(ss[t]);
+      const float scale = mode == static_cast<int>(NormMode::kChunk) ? rsqrtf(s / static_cast<float>(c.width) + eps)
+                                                                      : 1.f;
+      shared_ss[t] += s;
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][t] += warp_sum(dot[r][t]) * scale;
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < TT; ++t) {
+    const float scale = mode == static_cast<int>(NormMode::kShared)
+                            ? rsqrtf(shared_ss[t] / static_cast<float>(total) + eps) : 1.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (lane == r * TT + t && t < num_tokens && n0 + r < n_out)
+        out[static_cast<int64_t>(t) * n_out + n0 + r] = from_float<T>(acc[r][t] * scale);
+    }
+  }
+}
+
+// Largest T served by the decode kernel (0 disables it). See fc_decode_max_tokens below.
+std::atomic<int64_t> g_decode_max_tokens{8};
+
+bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  const int64_t T = c.num_rows, N = weight.size(0);
+  if (T < 1 || N < 1 || T > g_decode_max_tokens.load(std::memory_order_relaxed) || T > 8) return false;
+  if (weight.stride(1) != 1 || weight.stride(0) != c.total_width || !aligned16(weight.data_ptr())) return false;
+  if (c.rows.size() > static_cast<size_t>(kMaxChunks) || c.total_width > INT32_MAX || N > INT32_MAX) return false;
+  bool ok = true;
+  EAGLE3_DISPATCH_FLOAT_TYPES(c.rows[0].scalar_type(), "rms_norm_cat_linear", [&] {
+    constexpr int V = Vec<scalar_t>::N;
+    ChunkTable tab{};
+    for (size_t k = 0; k < c.rows.size(); ++k) {
+      const at::Tensor& x = c.rows[k];
+      ok = ok && aligned16(x.data_ptr()) && x.stride(0) % V == 0 && c.widths[k] % V == 0;
+      tab.c[k] = ChunkDesc{x.data_ptr(), nullptr, x.stride(0), static_cast<int32_t>(c.widths[k]),
+                           static_cast<int32_t>(c.offsets[k]), 0, 1, kNoWeight};
+    }
+    if (!ok) return;
+    const c10::cuda::CUDAGuard guard(weight.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.get_device());
+    const int64_t rows_per_block = kDecodeWarps * kDecodeRows;
+    const unsigned grid = static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block);
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kDecodeWarps * 32, 0, stream>>>(tab, static_cast<int>(c.rows.size()),
+                                                      static_cast<const scalar_t*>(weight.data_ptr()), N,
+                                                      static_cast<int>(c.total_width),
+                                                      static_cast<scalar_t*>(out.data_ptr()), static_cast<int>(T),
+                                                      eps, static_cast<int>(mode));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (T == 1) launch(fc_decode_kernel<scalar_t, 1>);
+    else if (T == 2) launch(fc_decode_kernel<scalar_t, 2>);
+    else if (T <= 4) launch(fc_decode_kernel<scalar_t, 4>);
+    else launch(fc_decode_kernel<scalar_t, 8>);
+  });
+  return ok;
+}
+
+}  // namespace
+}  // namespace eagle3::cuda
+
 namespace eagle3 {
+
+int64_t fc_decode_max_tokens(int64_t value) {
+  TORCH_CHECK_VALUE(value >= -1 && value <= 8, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got ", value);
+  if (value < 0) return cuda::g_decode_max_tokens.load();
+  return cuda::g_decode_max_tokens.exchange(value);
+}
 
 at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
                                     const std::string& norm) {
@@ -19,9 +159,11 @@ at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at:
   const NormMode mode = parse_norm_mode(op, norm);
   std::vector<int64_t> out_shape = c.out_shape;
   out_shape.back() = weight.size(0);
+  at::Tensor out = at::empty({c.num_rows, weight.size(0)}, c.rows[0].options());
+  if (cuda::launch_fc_decode(c, weight, static_cast<float>(eps), mode, out)) return out.view(out_shape);
   at::Tensor xn = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
   cuda::launch_norm_cat(c, {}, static_cast<float>(eps), mode, xn);
-  return at::mm(xn, weight.t()).view(out_shape);
+  return at::mm_out(out, xn, weight.t()).view(out_shape);
 }
 
 }  // namespace eagle3
