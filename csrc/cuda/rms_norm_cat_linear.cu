@@ -21,11 +21,12 @@ namespace {
 
 constexpr int kDecodeWarps = 8;  // warps per block
 constexpr int kDecodeRows = 2;   // weight rows per warp
+constexpr int kUnroll = 4;       // weight slices in flight per warp
 
 // A 16-byte load that skips L1 (the weight is streamed once; L1 keeps the activations).
 __device__ __forceinline__ int4 load_stream(const void* p) {
   int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+  asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -54,26 +55,32 @@ fc_decode_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
     const T* xk = static_cast<const T*>(c.x);
     float dot[R][TT] = {};
     float ss[TT] = {};
-#pragma unroll 2
-    for (int j = lane * V; j < c.width; j += 32 * V) {
-      float wf[R][V];
+    // kUnroll slices of the weight rows are loaded before any is used, so each warp keeps
+    // R * kUnroll * 512 bytes of the weight stream in flight.
+    for (int j0 = lane * V; j0 < c.width; j0 += kUnroll * 32 * V) {
+      int4 raw[kUnroll][R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int4 raw = load_stream(wrow[r] + c.out_off + j);
-        const Vec<T>& wv = *reinterpret_cast<const Vec<T>*>(&raw);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j = j0 + u * 32 * V;
 #pragma unroll
-        for (int e = 0; e < V; ++e) wf[r][e] = to_float(wv.v[e]);
+        for (int r = 0; r < R; ++r) raw[u][r] = j < c.width ? load_stream(wrow[r] + c.out_off + j) : int4{0, 0, 0, 0};
       }
 #pragma unroll
-      for (int t = 0; t < TT; ++t) {
-        if (t < num_tokens) {
-          const Vec<T> xv = load_vec_ro(xk + t * c.x_stride + j);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j = j0 + u * 32 * V;
+        if (j >= c.width) break;
 #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            const float xf = to_float(xv.v[e]);
-            ss[t] += xf * xf;
+        for (int t = 0; t < TT; ++t) {
+          if (t < num_tokens) {
+            const Vec<T> xv = load_vec_ro(xk + t * c.x_stride + j);
 #pragma unroll
-            for (int r = 0; r < R; ++r) dot[r][t] += xf * wf[r][e];
+            for (int e = 0; e < V; ++e) {
+              const float xf = to_float(xv.v[e]);
+              ss[t] += xf * xf;
+#pragma unroll
+              for (int r = 0; r < R; ++r)
+                dot[r][t] += xf * to_float(reinterpret_cast<const Vec<T>*>(&raw[u][r])->v[e]);
+            }
           }
         }
       }
@@ -100,8 +107,12 @@ fc_decode_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   }
 }
 
-// Largest T served by the decode kernel (0 disables it). See fc_decode_max_tokens below.
-std::atomic<int64_t> g_decode_max_tokens{8};
+// Largest T served by the decode kernel (0 disables it; the op's setter takes 0..8).
+// Default 1, from the H200 run of 6e31654 (graph replay, K=3, bf16, H=4096 / 7168,
+// against F.linear alone on the pre-normalised input): the decode kernel was 0.88 / 0.99x
+// of F.linear at T=1 but 0.63 / 0.85x at T=2 and 0.23 / 0.18x at T=8 (its CUDA-core FMAs
+// grow with T), while norm_cat + cuBLAS held 0.80 / 0.90x from T=16 on.
+std::atomic<int64_t> g_decode_max_tokens{1};
 
 bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
   const int64_t T = c.num_rows, N = weight.size(0);

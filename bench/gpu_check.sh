@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU check: build, CUDA tests, compute-sanitizer, GPU benchmark — one command.
+#
+#   bash bench/gpu_check.sh OUTDIR [extra args for python -m bench, e.g. --quick]
+#
+# Needs python3 with torch (CUDA), nvcc, cmake, ninja, pytest; no network. Writes into
+# OUTDIR few files (a lent GPU machine returns at most 8): gpu_check.log (every step's
+# output, in order), tests.xml, and the benchmark's JSON / markdown / PNG plots. Prints a
+# short table last. The benchmark runs right after the build, so a run cut short still
+# has its figures. Exit status: the number of failed steps.
+set -uo pipefail
+OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [bench args]}
+shift
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOG="$OUT/gpu_check.log"
+export PYTHONUNBUFFERED=1
+: > "$LOG"
+declare -a SUMMARY
+failed=0
+step() {  # step NAME CMD...
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "===== $name: $*" >> "$LOG"
+  "$@" >> "$LOG" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-10s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  echo "===== $name: rc=$rc after $((SECONDS - t0))s" >> "$LOG"
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+  return $rc
+}
+
+# Build for this card's architecture only (EAGLE3_CUDA_ARCH_LIST overrides), with every core.
+if [ -z "${EAGLE3_CUDA_ARCH_LIST:-}" ]; then
+  EAGLE3_CUDA_ARCH_LIST=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
+  export EAGLE3_CUDA_ARCH_LIST
+fi
+export MAX_JOBS=$(nproc) EAGLE3_WITH_CUDA=ON
+step env bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)'; nvcc --version | tail -2; git rev-parse HEAD 2>/dev/null || echo \"commit: \${EAGLE3_COMMIT:-unknown}\""
+step build $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
+  || step build-cmake bash -c "cmake -S . -B build/gpu -G Ninja -DPython3_EXECUTABLE=$(command -v $PY) -DEAGLE3_WITH_CUDA=ON && cmake --build build/gpu -j $MAX_JOBS && cp build/gpu/_C.so eagle3_ops/_C.so"
+step kernels $PY -c "import eagle3_ops; assert eagle3_ops.has_cuda_kernels(), 'built without CUDA kernels'; print('CUDA kernels loaded')"
+command -v cuobjdump >/dev/null && step resources bash -c "cuobjdump --dump-resource-usage eagle3_ops/_C*.so | grep -E 'Function|REG' | paste - - | sed -E 's/Function ([^:]{0,90})[^:]*:/\\1/'"
+
+step bench $PY -m bench --device cuda --out "$OUT" "$@"
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
+step tests $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"
+step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
+step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --one
+
+echo
+echo "== gpu_check summary"
+printf '%s\n' "${SUMMARY[@]}"
+grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | grep -E " in [0-9.]+s" | tail -1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cases:" "$LOG"
+md=$(ls "$OUT"/*.md 2>/dev/null | head -1)
+[ -n "$md" ] && sed -n '/^## Summary/,/^## Every/p' "$md" | grep -E "^\|" | cut -c1-160
+exit $failed

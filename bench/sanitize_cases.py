@@ -1,0 +1,68 @@
+"""Small CUDA cases for compute-sanitizer (memcheck / racecheck), run by bench/gpu_check.sh.
+
+Odd widths (scalar paths), 16-byte paths, strided and offset views, fp32 weights,
+shared statistics, T = 0 and 1, every op. Each result is compared with the reference,
+so a wrong answer fails here as well as a bad access.
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/sanitize_cases.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/sanitize_cases.py --one
+"""
+
+import argparse
+import sys
+
+import torch
+
+import eagle3_ops
+from eagle3_ops import reference as ref
+
+
+def _close(out, expect, what):
+    err = ((out.double() - expect.double()).norm() / expect.double().norm().clamp_min(1e-30)).item()
+    tol = 1e-5 if out.dtype == torch.float32 else 2e-2
+    if not (err <= tol):
+        raise AssertionError(f"{what}: relative error {err:.3g} > {tol}")
+
+
+def run(one: bool) -> int:
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    cases = 0
+    widths_sets = [[64, 64, 64], [769, 100, 8], [7, 1029]] if not one else [[769, 64, 100]]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if not one else [torch.bfloat16]
+    for dtype in dtypes:
+        for widths in widths_sets:
+            for T in ([0, 1, 5] if not one else [5]):
+                total = sum(widths)
+                # chunks as views of one padded buffer at an odd element offset
+                big = torch.randn(T, total + 3, device=dev, dtype=dtype, generator=g)
+                xs = list(torch.split(big[:, 1:1 + total], widths, dim=-1))
+                ws = [torch.randn(w, device=dev, dtype=dtype if i % 2 == 0 else torch.float32, generator=g)
+                      for i, w in enumerate(widths)]
+                for shared in (False, True):
+                    out = eagle3_ops.rms_norm_cat(xs, ws, 1e-6, shared)
+                    if T:
+                        _close(out, ref.rms_norm_cat_fp64(xs, ws, 1e-6, shared), f"rms_norm_cat {dtype} {widths} T={T}")
+                    cases += 1
+                r = torch.randn(T, widths[0], device=dev, dtype=dtype, generator=g)
+                n, s = eagle3_ops.fused_add_rms_norm(xs[0], r, ws[0], 1e-6)
+                if T:
+                    rn, rs = ref.fused_add_rms_norm_fp64(xs[0], r, ws[0], 1e-6)
+                    _close(n, rn, "fused_add_rms_norm normed")
+                    _close(s, rs, "fused_add_rms_norm sum")
+                cases += 1
+                W = torch.randn(33, total, device=dev, dtype=dtype, generator=g) / total ** 0.5
+                for norm in ("none", "chunk", "shared"):
+                    y = eagle3_ops.rms_norm_cat_linear(xs, W, 1e-6, norm)
+                    if T:
+                        _close(y, ref.rms_norm_cat_linear_fp64(xs, W, 1e-6, norm), f"linear {norm}")
+                    cases += 1
+    torch.cuda.synchronize()
+    print(f"sanitize_cases: {cases} cases passed")
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--one", action="store_true", help="one small case per op (for racecheck)")
+    sys.exit(run(p.parse_args().one))

@@ -1,0 +1,519 @@
+"""Every op against its float64 truth (DESIGN.md section 4), on every device present.
+
+Grids (STYLE.md point 7): dtype x T x widths x K x layouts (split views, padded views,
+3-D, transposed) x shared_stats x norm-weight kinds. Small shapes take a full product;
+the big shapes (T=2048, K*H=12288, the real fc) are targeted cases. Every call also
+checks the output's shape / dtype / device / contiguity, that the inputs (and the
+padding around views) are untouched, and that every output element was written (on
+CUDA the op runs after the caching allocator was filled with NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import eagle3_ops
+from eagle3_ops import reference
+from conftest import devices
+from numerics import (
+    DTYPE_IDS,
+    LAYOUTS,
+    PAIR_LAYOUTS,
+    Rng,
+    assert_all_written,
+    assert_close_to_fp64,
+    assert_no_alias,
+    assert_output,
+    assert_unchanged,
+    lead_shape,
+    make_chunks,
+    make_pair,
+    make_weights,
+    nbytes,
+    rel_err,
+    run_poisoned,
+    snapshot,
+)
+
+DTYPES = [pytest.param(d, id=i) for d, i in DTYPE_IDS.items()]
+SMALL_T = [0, 1, 7, 83]
+EPS = 1e-6
+
+# Widths lists (K = their length): odd widths, 5120 + 8, non-multiples of 8, width 1.
+WIDTHS = {
+    "64": [64],
+    "100x2": [100, 100],
+    "769-64-100": [769, 64, 100],
+    "5128-769": [5128, 769],
+    "4096x3": [4096] * 3,
+    "1-3-8-17-33": [1, 3, 8, 17, 33],
+}
+WIDTH_PARAMS = [pytest.param(w, id=k) for k, w in WIDTHS.items()]
+
+
+# ---- runners --------------------------------------------------------------------------------
+
+
+def check_rms_norm_cat(device, xs, bases, weights, eps, shared, lead, what=""):
+    widths = [x.shape[-1] for x in xs]
+    dtype = xs[0].dtype
+    shape = (*lead, sum(widths))
+    snap = snapshot(list(bases) + list(weights or []))
+    out = run_poisoned(device, lambda: eagle3_ops.rms_norm_cat(xs, weights, eps, shared), [nbytes(shape, dtype)])
+    assert_output(out, shape, dtype, device, what)
+    assert_no_alias([out], bases)
+    assert_unchanged(snap, "xs/weights")
+    assert_all_written(out, what=what)
+    ref64 = reference.rms_norm_cat_fp64(xs, weights, eps, shared)
+    eager = reference.rms_norm_cat(xs, weights, eps, shared)
+    assert_close_to_fp64(out, ref64, eager, what or "rms_norm_cat")
+    return out
+
+
+def check_fused_add(device, x, r, bases, weight, eps, what=""):
+    dtype = x.dtype
+    snap = snapshot(list(bases) + [weight])
+    normed, summed = run_poisoned(device, lambda: eagle3_ops.fused_add_rms_norm(x, r, weight, eps),
+                                  [nbytes(x.shape, dtype)] * 2)
+    assert_output(normed, x.shape, dtype, device, "normed")
+    assert_output(summed, x.shape, dtype, device, "residual_sum")
+    assert_no_alias([normed, summed], bases)
+    assert_unchanged(snap, "x/residual/weight")
+    assert_all_written(normed, summed, what=what)
+    n64, s64 = reference.fused_add_rms_norm_fp64(x, r, weight, eps)
+    ne, se = reference.fused_add_rms_norm(x, r, weight, eps)
+    assert_close_to_fp64(summed, s64, se, f"{what} residual_sum")
+    assert_close_to_fp64(normed, n64, ne, f"{what} normed")
+    return normed, summed
+
+
+def check_linear(device, xs, bases, weight, eps, norm, lead, what=""):
+    dtype = xs[0].dtype
+    shape = (*lead, weight.shape[0])
+    snap = snapshot(list(bases) + [weight])
+    out = run_poisoned(device, lambda: eagle3_ops.rms_norm_cat_linear(xs, weight, eps, norm), [nbytes(shape, dtype)])
+    assert_output(out, shape, dtype, device, what)
+    assert_no_alias([out], bases)
+    assert_unchanged(snap, "xs/weight")
+    assert_all_written(out, what=what)
+    ref64 = reference.rms_norm_cat_linear_fp64(xs, weight, eps, norm)
+    eager = reference.rms_norm_cat_linear(xs, weight, eps, norm)
+    assert_close_to_fp64(out, ref64, eager, what or f"rms_norm_cat_linear[{norm}]")
+    return out
+
+
+# ---- rms_norm_cat ---------------------------------------------------------------------------
+
+
+def _grid_params():
+    """dtype x T x widths x layout x shared_stats, all of it except the slowest corner
+    (T = 83 with K*H > 5000 in the copied / 3-D layouts: 2T rows of up to 12288 columns,
+    covered by the split and mixed layouts here and by the T = 2048 cases below)."""
+    out = []
+    for dt, dt_id in DTYPE_IDS.items():
+        for T in SMALL_T:
+            for wid, w in WIDTHS.items():
+                for layout in LAYOUTS:
+                    if T == 83 and sum(w) > 5000 and layout not in ("split", "mixed"):
+                        continue
+                    for shared in (False, True):
+                        out.append(pytest.param(dt, T, w, layout, shared,
+                                                id=f"{dt_id}-T{T}-{wid}-{layout}-{'shared' if shared else 'chunk'}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype,T,widths,layout,shared", _grid_params())
+def test_rms_norm_cat_grid(device, seed, dtype, T, widths, layout, shared):
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, layout, T, widths, dtype)
+    weights = make_weights(rng, "same", widths, dtype)
+    check_rms_norm_cat(device, xs, bases, weights, EPS, shared, lead_shape(layout, T))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
+@pytest.mark.parametrize("wkind", ["none", "nones", "same", "fp32", "strided", "mixed"])
+@pytest.mark.parametrize("widths", WIDTH_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_weight_kinds(device, seed, dtype, widths, wkind, shared):
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", 7, widths, dtype)
+    weights = make_weights(rng, wkind, widths, dtype)
+    check_rms_norm_cat(device, xs, bases, weights, EPS, shared, (7,))
+
+
+@pytest.mark.parametrize(
+    "dtype,widths,shared,wkind",
+    [
+        pytest.param(torch.bfloat16, [4096] * 3, False, "same", id="bf16-4096x3-chunk-same"),
+        pytest.param(torch.float16, [4096] * 3, True, "fp32", id="fp16-4096x3-shared-fp32"),
+        pytest.param(torch.float32, [4096] * 3, False, "none", id="fp32-4096x3-chunk-none"),
+        pytest.param(torch.bfloat16, [5128, 769], True, "mixed", id="bf16-5128-769-shared-mixed"),
+        pytest.param(torch.float16, [5128, 769], False, "same", id="fp16-5128-769-chunk-same"),
+        pytest.param(torch.float32, [5128, 769], True, "fp32", id="fp32-5128-769-shared-fp32"),
+        # the midlayer's [T, 2H] qkv input
+        pytest.param(torch.bfloat16, [4096, 4096], False, "same", id="bf16-4096x2-chunk-same"),
+    ],
+)
+def test_rms_norm_cat_large(device, seed, dtype, widths, shared, wkind):
+    T = 2048
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", T, widths, dtype)
+    weights = make_weights(rng, wkind, widths, dtype)
+    check_rms_norm_cat(device, xs, bases, weights, EPS, shared, (T,))
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5, 0.1, 1.0])
+@pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_eps(device, seed, dtype, shared, eps):
+    # Inputs of small magnitude so that a large eps changes the result a lot: a kernel
+    # that ignores or misplaces eps fails.
+    rng = Rng(seed, device)
+    widths = [769, 100]
+    xs, bases = make_chunks(rng, "split", 9, widths, dtype)
+    xs = [(x.float() * 0.05).to(dtype) for x in xs]
+    weights = make_weights(rng, "same", widths, dtype)
+    out = check_rms_norm_cat(device, xs, xs, weights, eps, shared, (9,))
+    if eps >= 0.1:
+        no_eps = reference.rms_norm_cat_fp64(xs, weights, 1e-12, shared)
+        assert rel_err(out, no_eps) > 0.1, "eps appears to have no effect"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_matches_separate_norms(device, seed, dtype):
+    # shared_stats=False must equal K independent RMSNorms; shared_stats=True one norm of the cat.
+    rng = Rng(seed, device)
+    widths = [64, 100, 769]
+    xs, _ = make_chunks(rng, "contig", 5, widths, dtype)
+    ws = make_weights(rng, "same", widths, dtype)
+    per = eagle3_ops.rms_norm_cat(xs, ws, EPS, False)
+    sh = eagle3_ops.rms_norm_cat(xs, ws, EPS, True)
+    for k, (a, b) in enumerate(zip(per.split(widths, -1), sh.split(widths, -1))):
+        one = eagle3_ops.rms_norm_cat([xs[k]], [ws[k]], EPS, False)
+        tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        torch.testing.assert_close(a, one, rtol=tol, atol=tol,
+                                   msg=lambda m: f"chunk {k} of the K-input op differs from the 1-input op: {m}")
+    whole = torch.cat(xs, -1)
+    one_shared = eagle3_ops.rms_norm_cat([whole], [torch.cat(ws)], EPS, False)
+    assert rel_err(sh, one_shared.double()) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # and shared really differs from per-chunk on these inputs (own row scales per chunk)
+    assert rel_err(per, sh.double()) > 0.05
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_t0_shapes(device, dtype):
+    for lead in [(0,), (0, 3), (3, 0), (2, 0, 4)]:
+        xs = [torch.randn((*lead, h), device=device).to(dtype) for h in (5, 7)]
+        out = eagle3_ops.rms_norm_cat(xs, None, EPS)
+        assert_output(out, (*lead, 12), dtype, device)
+        out = eagle3_ops.rms_norm_cat_linear(xs, torch.randn(3, 12, device=device).to(dtype), EPS, "chunk")
+        assert_output(out, (*lead, 3), dtype, device)
+        n, s = eagle3_ops.fused_add_rms_norm(xs[0], xs[0].clone(), None, EPS)
+        assert_output(n, (*lead, 5), dtype, device)
+        assert_output(s, (*lead, 5), dtype, device)
+
+
+def test_rms_norm_cat_accepts_tuple_and_1d(device, seed):
+    rng = Rng(seed, device)
+    a, b = rng.randn((64,)), rng.randn((100,))
+    out = eagle3_ops.rms_norm_cat((a, b), (None, None), EPS)
+    assert_output(out, (164,), torch.float32, device)
+    assert_close_to_fp64(out, reference.rms_norm_cat_fp64([a, b], None, EPS), None)
+
+
+def test_rms_norm_cat_expanded_rows(device, seed):
+    # a stride-0 leading dimension (one row broadcast to T rows) is a legal view
+    rng = Rng(seed, device)
+    xs = [rng.randn((1, h)).expand(6, h) for h in (64, 100)]
+    check_rms_norm_cat(device, xs, xs, None, EPS, False, (6,))
+
+
+# ---- fused_add_rms_norm ---------------------------------------------------------------------
+
+H_LIST = [1, 64, 100, 769, 4096, 5128]
+
+
+@pytest.mark.parametrize("layout", PAIR_LAYOUTS)
+@pytest.mark.parametrize("H", [1, 100, 769, 5128])
+@pytest.mark.parametrize("T", SMALL_T)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_grid(device, seed, dtype, T, H, layout):
+    rng = Rng(seed, device)
+    x, r, bases = make_pair(rng, layout, T, H, dtype)
+    w = rng.norm_weight(H, dtype)
+    check_fused_add(device, x, r, bases, w, EPS)
+
+
+@pytest.mark.parametrize("wkind", ["none", "same", "fp32", "strided"])
+@pytest.mark.parametrize("H", H_LIST)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_weight_kinds(device, seed, dtype, H, wkind):
+    rng = Rng(seed, device)
+    x, r, bases = make_pair(rng, "contig", 7, H, dtype)
+    w = {
+        "none": None,
+        "same": lambda: rng.norm_weight(H, dtype),
+        "fp32": lambda: rng.norm_weight(H, torch.float32),
+        "strided": lambda: rng.norm_weight(2 * H, torch.float32)[::2],
+    }[wkind]
+    w = w() if callable(w) else w
+    check_fused_add(device, x, r, bases, w, EPS)
+
+
+@pytest.mark.parametrize("H", [4096, 5128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_large(device, seed, dtype, H):
+    rng = Rng(seed, device)
+    x, r, bases = make_pair(rng, "contig", 2048, H, dtype)
+    check_fused_add(device, x, r, bases, rng.norm_weight(H, dtype), EPS)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_eps(device, seed, dtype, eps):
+    rng = Rng(seed, device)
+    x, r, _ = make_pair(rng, "contig", 5, 769, dtype)
+    x, r = (x.float() * 0.05).to(dtype), (r.float() * 0.05).to(dtype)
+    normed, _ = check_fused_add(device, x, r, [x, r], None, eps)
+    if eps >= 0.1:
+        assert rel_err(normed, reference.fused_add_rms_norm_fp64(x, r, None, 1e-12)[0]) > 0.1
+
+
+# ---- rms_norm_cat_linear --------------------------------------------------------------------
+
+LIN_WIDTHS = {
+    "K1-64": [64],
+    "K2-100-769": [100, 769],
+    "K3-769-64-100": [769, 64, 100],
+    "K5-1-3-8-17-33": [1, 3, 8, 17, 33],
+}
+NORMS = ["none", "chunk", "shared"]
+
+
+@pytest.mark.parametrize("N", [1, 17, 256])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("widths", [pytest.param(w, id=k) for k, w in LIN_WIDTHS.items()])
+@pytest.mark.parametrize("T", SMALL_T)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_linear_grid(device, seed, dtype, T, widths, norm, N):
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", T, widths, dtype)
+    w = rng.linear_weight(N, sum(widths), dtype)
+    check_linear(device, xs, bases, w, EPS, norm, (T,))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_linear_layouts(device, seed, dtype, norm, layout):
+    rng = Rng(seed, device)
+    widths = [769, 100, 64]
+    xs, bases = make_chunks(rng, layout, 7, widths, dtype)
+    w = rng.linear_weight(17, sum(widths), dtype)
+    check_linear(device, xs, bases, w, EPS, norm, lead_shape(layout, 7))
+
+
+def test_rms_norm_cat_linear_strided_weight(device, seed):
+    # a transposed (column-major) fc weight is legal
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", 9, [100, 64], torch.bfloat16)
+    w = rng.linear_weight(33, 164, torch.bfloat16).t().contiguous().t()
+    check_linear(device, xs, bases, w, EPS, "chunk", (9,))
+
+
+@pytest.mark.parametrize(
+    "dtype,T,N,norm",
+    [
+        (torch.bfloat16, 2048, 17, "chunk"),
+        (torch.float16, 2048, 17, "shared"),
+        (torch.float32, 2048, 17, "none"),
+        (torch.bfloat16, 4, 4096, "chunk"),   # decode: the real K=3, H=4096 fc, a weight stream
+        (torch.bfloat16, 4, 4096, "shared"),
+        (torch.float16, 64, 4096, "chunk"),
+        (torch.bfloat16, 256, 256, "chunk"),
+    ],
+    ids=lambda v: DTYPE_IDS.get(v) if isinstance(v, torch.dtype) else None,
+)
+def test_rms_norm_cat_linear_large(device, seed, dtype, T, N, norm):
+    rng = Rng(seed, device)
+    widths = [4096] * 3
+    xs, bases = make_chunks(rng, "split", T, widths, dtype)
+    w = rng.linear_weight(N, sum(widths), dtype)
+    check_linear(device, xs, bases, w, EPS, norm, (T,))
+
+
+# ---- fold_norm_weights and the identity rms_norm_cat_linear rests on ------------------------
+
+
+@pytest.mark.parametrize("gkind", ["same", "fp32"])
+@pytest.mark.parametrize("widths", [pytest.param(w, id=k) for k, w in LIN_WIDTHS.items()])
+@pytest.mark.parametrize("T", [1, 7, 83])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_identity_fc_norm(device, seed, dtype, T, widths, gkind):
+    """rms_norm_cat_linear(xs, fold(W, g), 'chunk') == fc(rms_norm_cat(xs, g)) (fc_norm)."""
+    rng = Rng(seed, device)
+    xs, _ = make_chunks(rng, "split", T, widths, dtype)
+    g = make_weights(rng, gkind, widths, dtype)
+    W = rng.linear_weight(37, sum(widths), dtype)
+    out = eagle3_ops.rms_norm_cat_linear(xs, eagle3_ops.fold_norm_weights(W, g), EPS, "chunk")
+    eager = F.linear(reference.rms_norm_cat(xs, g, EPS), W)
+    truth = reference.rms_norm_cat_fp64(xs, g, EPS) @ W.double().t()
+    assert_output(out, (T, 37), dtype, device)
+    assert_close_to_fp64(out, truth, eager, "fold identity (chunk)")
+    # and the fused op with the folded weight against the unfused op + F.linear, in fp32
+    if dtype == torch.float32:
+        unfused = F.linear(eagle3_ops.rms_norm_cat(xs, g, EPS), W)
+        assert rel_err(out, unfused.double()) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 7, 83])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_identity_norm_before_fc(device, seed, dtype, T):
+    """One shared weight over the whole row (norm_before_fc): fold(W, g) with norm 'shared'."""
+    rng = Rng(seed, device)
+    widths = [769, 100, 64]
+    xs, _ = make_chunks(rng, "split", T, widths, dtype)
+    g = rng.norm_weight(sum(widths), dtype)
+    W = rng.linear_weight(29, sum(widths), dtype)
+    out = eagle3_ops.rms_norm_cat_linear(xs, eagle3_ops.fold_norm_weights(W, g), EPS, "shared")
+    eager = F.linear(reference.rms_norm(torch.cat(xs, -1), g, EPS), W)
+    truth = reference.rms_norm_cat_fp64([torch.cat(xs, -1)], [g], EPS) @ W.double().t()
+    assert_close_to_fp64(out, truth, eager, "fold identity (shared)")
+    # the per-chunk weights of the same g give the same folded weight
+    assert torch.equal(eagle3_ops.fold_norm_weights(W, g),
+                       eagle3_ops.fold_norm_weights(W, list(g.split(widths))))
+
+
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["g32", "gbf16", "gfp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_norm_weights_exact(device, seed, dtype, gdtype):
+    """Folded in float64, cast once; a copy, inputs untouched; None -> a copy of W."""
+    rng = Rng(seed, device)
+    widths = [769, 100, 64]
+    W = rng.linear_weight(13, sum(widths), dtype)
+    gs = [rng.norm_weight(h, gdtype) for h in widths]
+    snap = snapshot([W, *gs])
+    folded = eagle3_ops.fold_norm_weights(W, gs)
+    assert_output(folded, W.shape, dtype, device)
+    expect = (W.double() * torch.cat([g.double() for g in gs])).to(dtype)
+    assert torch.equal(folded, expect)
+    single = eagle3_ops.fold_norm_weights(W, torch.cat(gs))
+    assert torch.equal(single, expect)
+    assert_unchanged(snap, "W/g")
+    copy = eagle3_ops.fold_norm_weights(W, None)
+    assert torch.equal(copy, W) and copy.data_ptr() != W.data_ptr()
+    # a strided W works too
+    Wt = W.t().contiguous().t()
+    assert torch.equal(eagle3_ops.fold_norm_weights(Wt, gs), expect)
+
+
+# ---- property tests -------------------------------------------------------------------------
+
+_DT = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+
+
+@st.composite
+def chunk_inputs(draw, device):
+    """K, widths, T, dtype, and per chunk a view with a random column offset / row
+    padding (or a transposed tensor); optionally a 3-D leading shape."""
+    K = draw(st.integers(1, 5))
+    widths = draw(st.lists(st.integers(1, 300), min_size=K, max_size=K))
+    T = draw(st.integers(0, 40))
+    dtype = draw(_DT)
+    three_d = draw(st.booleans()) and T > 0
+    rng = Rng(draw(st.integers(0, 2**31 - 1)), device)
+    xs, bases = [], []
+    for h in widths:
+        kind = draw(st.sampled_from(["offset", "transposed", "contig"]))
+        if kind == "offset":
+            off, pad = draw(st.integers(0, 7)), draw(st.integers(0, 9))
+            b = rng.randn((T, off + h + pad), dtype)
+            x = b[:, off:off + h]
+        elif kind == "transposed":
+            b = rng.randn((T, h), dtype).t().contiguous()
+            x = b.t()
+        else:
+            b = x = rng.randn((T, h), dtype)
+        if three_d:
+            x = x.unflatten(0, (1, T)) if T % 2 else x.unflatten(0, (2, T // 2))
+        xs.append(x)
+        bases.append(b)
+    return rng, xs, bases, dtype
+
+
+@pytest.mark.parametrize("device", devices)
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_rms_norm_cat_property(device, data):
+    rng, xs, bases, dtype = data.draw(chunk_inputs(device))
+    shared = data.draw(st.booleans())
+    kinds = data.draw(st.lists(st.sampled_from([None, "same", "fp32"]), min_size=len(xs), max_size=len(xs)))
+    weights = [None if k is None else rng.norm_weight(x.shape[-1], dtype if k == "same" else torch.float32)
+               for k, x in zip(kinds, xs)]
+    eps = data.draw(st.sampled_from([1e-6, 1e-5, 1e-3]))
+    check_rms_norm_cat(device, xs, bases, weights, eps, shared, tuple(xs[0].shape[:-1]))
+
+
+@pytest.mark.parametrize("device", devices)
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_rms_norm_cat_linear_property(device, data):
+    rng, xs, bases, dtype = data.draw(chunk_inputs(device))
+    norm = data.draw(st.sampled_from(NORMS))
+    N = data.draw(st.integers(1, 70))
+    w = rng.linear_weight(N, sum(x.shape[-1] for x in xs), dtype)
+    check_linear(device, xs, bases, w, EPS, norm, tuple(xs[0].shape[:-1]))
+
+
+@pytest.mark.parametrize("device", devices)
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fused_add_rms_norm_property(device, data):
+    dtype = data.draw(_DT)
+    T, H = data.draw(st.integers(0, 40)), data.draw(st.integers(1, 600))
+    rng = Rng(data.draw(st.integers(0, 2**31 - 1)), device)
+    layout = data.draw(st.sampled_from(PAIR_LAYOUTS))
+    x, r, bases = make_pair(rng, layout, T, H, dtype)
+    wk = data.draw(st.sampled_from([None, "same", "fp32"]))
+    w = None if wk is None else rng.norm_weight(H, dtype if wk == "same" else torch.float32)
+    check_fused_add(device, x, r, bases, w, EPS)
+
+
+# ---- the checks themselves can fail ---------------------------------------------------------
+
+
+def test_numerics_rule_rejects_bad_outputs(seed):
+    """Guards against a tautological rule: a NaN, one wrong element, a wrong row
+    statistic and a double rounding all fail it."""
+    rng = Rng(seed)
+    xs, _ = make_chunks(rng, "split", 83, [769, 100], torch.bfloat16)
+    ws = make_weights(rng, "same", [769, 100], torch.bfloat16)
+    ref64 = reference.rms_norm_cat_fp64(xs, ws, EPS)
+    eager = reference.rms_norm_cat(xs, ws, EPS)
+    good = eagle3_ops.rms_norm_cat(xs, ws, EPS)
+    assert_close_to_fp64(good, ref64, eager)
+    bad = []
+    b = good.clone(); b[41, 768] = float("nan"); bad.append(b)
+    b = good.clone(); b[82, 868] = 0; bad.append(b)                       # last element of the last chunk not written
+    b = good.clone(); b[5] = good[6]; bad.append(b)                       # a row from the wrong row
+    bad.append(reference.rms_norm_cat(xs, ws, EPS, shared_stats=True))    # wrong statistic
+    bad.append((good.float() * (1 + 2 ** -7)).to(torch.bfloat16))         # a 1-ulp-scale bias on every element
+    for i, b in enumerate(bad):
+        with pytest.raises(AssertionError):
+            assert_close_to_fp64(b, ref64, eager, f"bad[{i}]")
+    with pytest.raises(AssertionError):
+        assert_all_written(bad[0])
+    xs32 = [x.float() for x in xs]
+    ws32 = [w.float() for w in ws]
+    f32 = eagle3_ops.rms_norm_cat(xs32, ws32, EPS)
+    ref32 = reference.rms_norm_cat_fp64(xs32, ws32, EPS)
+    assert_close_to_fp64(f32, ref32, None)
+    with pytest.raises(AssertionError):  # bf16 accuracy is not fp32 accuracy
+        assert_close_to_fp64(f32.bfloat16().float(), ref32, None)
+    assert math.isclose(rel_err(ref64, ref64), 0.0)
