@@ -44,11 +44,11 @@ step build $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
 step kernels $PY -c "import eagle3_ops; assert eagle3_ops.has_cuda_kernels(), 'built without CUDA kernels'; print('CUDA kernels loaded')"
 command -v cuobjdump >/dev/null && step resources bash -c "cuobjdump --dump-resource-usage eagle3_ops/_C*.so | grep -E 'Function|REG' | paste - - | sed -E 's/Function ([^:]{0,90})[^:]*:/\\1/'"
 
-step bench $PY -m bench --device cuda --out "$OUT" "$@"
+step bench timeout 210 $PY -m bench --device cuda --out "$OUT" "$@"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
-step tests $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"
-step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
-step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --one
+step tests timeout 100 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"
+step memcheck timeout 70 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
+step racecheck timeout 50 compute-sanitizer --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --one
 
 echo
 echo "== gpu_check summary"
