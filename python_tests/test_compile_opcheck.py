@@ -4,13 +4,16 @@ opcheck runs the schema / fake-tensor / autograd-registration / aot-dispatch che
 (the fake implementations must give the real kernels' shapes, dtypes and strides).
 The compile cases trace functions calling each op with fullgraph=True (a graph break
 fails) and compare with the eager op outputs, bit for bit: the ops are opaque to the
-compiler, and the ops around them here are exact.
+compiler, and the ops around them here are exact. The functions take views made inside
+the graph (split / chunk of one tensor) and chain ops; only one pointwise op is left for
+the compiler to generate, to keep compile time (C++ / Triton) low.
 
 Backend: "inductor" on every device. Measured on the 2-core CPU box this suite was
 written on: the first inductor CPU compile ~8 s (the C++ toolchain warm-up), later
 functions ~3 s each; "aot_eager" is ~0.5 s. Inductor exercises the real lowering of the
 custom ops (stride handling of views passed to them, buffer reuse around them), so it is
-worth the cost; the whole file stays well under a minute there.
+worth the cost; four compiled functions per device (one dtype each: the dtype paths are
+covered by opcheck and test_ops) keep the file under a minute there.
 """
 
 from __future__ import annotations
@@ -133,13 +136,11 @@ def fc_norm_fc(aux, w_folded, widths):
 
 
 def norm_cat_then(aux, ws, widths, shared):
-    y = eagle3_ops.rms_norm_cat(list(aux.split(widths, -1)), ws, EPS, shared)
-    return y, y * 2
+    return eagle3_ops.rms_norm_cat(list(aux.split(widths, -1)), ws, EPS, shared)
 
 
 def final_norm(x, r, w):
-    normed, summed = eagle3_ops.fused_add_rms_norm(x, r, w, EPS)
-    return normed, summed, summed * 2
+    return eagle3_ops.fused_add_rms_norm(x, r, w, EPS)
 
 
 def mini_drafter(aux, emb, w_fc, g_in, g_hidden, g_final, resid):
@@ -148,11 +149,11 @@ def mini_drafter(aux, emb, w_fc, g_in, g_hidden, g_final, resid):
     h = eagle3_ops.rms_norm_cat_linear(list(aux.chunk(K, -1)), w_fc, EPS, "shared")
     qkv_in = eagle3_ops.rms_norm_cat([emb, h], [g_in, g_hidden], EPS)
     out, pre = eagle3_ops.fused_add_rms_norm(h, resid, g_final, EPS)
-    return h, qkv_in, out, pre
+    return h, qkv_in, out, pre * 2  # one pointwise op the compiler generates code for
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_compile_rms_norm_cat(device, seed, dtype):
+def test_compile_rms_norm_cat(device, seed):
+    dtype = torch.bfloat16
     rng = Rng(seed, device)
     widths = [64, 100, 769]
     cf = _compile(norm_cat_then)
@@ -163,8 +164,8 @@ def test_compile_rms_norm_cat(device, seed, dtype):
                      f"rms_norm_cat T={T}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_compile_fused_add_rms_norm(device, seed, dtype):
+def test_compile_fused_add_rms_norm(device, seed):
+    dtype = torch.float16
     rng = Rng(seed, device)
     cf = _compile(final_norm)
     for T, layout, wdt in [(5, "contig", dtype), (9, "padded", torch.float32)]:
@@ -173,8 +174,8 @@ def test_compile_fused_add_rms_norm(device, seed, dtype):
         _assert_same(cf(x, r, w), final_norm(x, r, w), f"fused_add_rms_norm T={T} {layout}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_compile_rms_norm_cat_linear(device, seed, dtype):
+def test_compile_rms_norm_cat_linear(device, seed):
+    dtype = torch.float32
     rng = Rng(seed, device)
     widths = [100, 769]
     cf = _compile(fc_norm_fc)

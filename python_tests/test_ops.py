@@ -348,6 +348,49 @@ def test_rms_norm_cat_linear_large(device, seed, dtype, T, N, norm):
     check_linear(device, xs, bases, w, EPS, norm, (T,))
 
 
+@pytest.fixture
+def decode_up_to_8():
+    """Route T <= 8 through the fc's CUDA decode kernel (by default it serves T = 1 only);
+    restores the previous setting. A no-op for the CPU kernels."""
+    op = getattr(torch.ops.eagle3, "_fc_decode_max_tokens", None)
+    if op is None:
+        yield None
+        return
+    prev = op(8)
+    try:
+        yield op(-1)
+    finally:
+        op(prev)
+
+
+DECODE_WIDTHS = {"K1-64": [64], "K2-128-256": [128, 256], "K3-1024": [1024] * 3, "K5-8": [8] * 5}
+
+
+@pytest.mark.parametrize("N", [1, 40])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("widths", [pytest.param(w, id=k) for k, w in DECODE_WIDTHS.items()])
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_linear_decode(device, seed, decode_up_to_8, dtype, T, widths, norm, N):
+    """Decode sizes (T <= 8) with aligned widths and a contiguous weight: the shapes the
+    CUDA decode kernel takes (T = 1 by default, up to 8 here)."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split" if T % 2 else "contig", T, widths, dtype)
+    w = rng.linear_weight(N, sum(widths), dtype)
+    check_linear(device, xs, bases, w, EPS, norm, (T,))
+
+
+@pytest.mark.parametrize("norm", ["chunk", "shared"])
+@pytest.mark.parametrize("N", [4096, 4103])
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_rms_norm_cat_linear_decode_real_fc(device, seed, decode_up_to_8, T, N, norm):
+    """The real fc (K = 3, H = 4096, bf16) at decode sizes, N = 4096 and a ragged N."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", T, [4096] * 3, torch.bfloat16)
+    w = rng.linear_weight(N, 3 * 4096, torch.bfloat16)
+    check_linear(device, xs, bases, w, EPS, norm, (T,))
+
+
 # ---- fold_norm_weights and the identity rms_norm_cat_linear rests on ------------------------
 
 
