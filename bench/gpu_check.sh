@@ -5,7 +5,8 @@
 #
 # Needs python3 with torch (CUDA), nvcc, cmake, ninja, pytest; no network. Writes into
 # OUTDIR few files (a lent GPU machine returns at most 8): gpu_check.log (every step's
-# output, in order), tests.xml, and the benchmark's JSON / markdown / PNG plots. Prints a
+# output, in order), tests.xml, tune.json (bench/tune.py: the kernels' alternative
+# strategies side by side), and the benchmark's JSON / markdown / PNG plots. Prints a
 # short table last. The benchmark runs right after the build, so a run cut short still
 # has its figures. Exit status: the number of failed steps.
 set -uo pipefail
@@ -44,6 +45,7 @@ step build $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
 step kernels $PY -c "import eagle3_ops; assert eagle3_ops.has_cuda_kernels(), 'built without CUDA kernels'; print('CUDA kernels loaded')"
 command -v cuobjdump >/dev/null && step resources bash -c "cuobjdump --dump-resource-usage eagle3_ops/_C*.so | grep -E 'Function|REG' | paste - - | sed -E 's/Function ([^:]{0,90})[^:]*:/\\1/'"
 
+step tune timeout 60 $PY -m bench.tune --out "$OUT/tune.json"
 step bench timeout 210 $PY -m bench --device cuda --out "$OUT" "$@"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 step tests timeout 100 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"
@@ -55,6 +57,7 @@ echo "== gpu_check summary"
 printf '%s\n' "${SUMMARY[@]}"
 grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | grep -E " in [0-9.]+s" | tail -1
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cases:" "$LOG"
+sed -n '/^===== tune: /,/^===== tune: rc/p' "$LOG" | grep -E "^\||copy"
 md=$(ls "$OUT"/*.md 2>/dev/null | head -1)
 [ -n "$md" ] && sed -n '/^## Summary/,/^## Every/p' "$md" | grep -E "^\|" | cut -c1-160
 exit $failed

@@ -27,7 +27,7 @@ struct ChunkRows {
   int64_t total_width = 0;           // sum H_k
 };
 
-// Largest K one launch of the CUDA kernels accepts (their chunk table is a kernel argument).
+// Largest K the ops accept (the CUDA kernels take their chunk table as a kernel argument).
 constexpr int kMaxChunks = 64;
 
 ChunkRows check_chunks(const char* op, const std::vector<at::Tensor>& xs);

@@ -27,8 +27,7 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, 
                                                            const OptTensor& weight, double eps);
 at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
                                     const std::string& norm);
-// Sets the largest T that rms_norm_cat_linear serves with its decode kernel (0 disables it)
-// and returns the previous value; -1 only queries.
+// The _fc_decode_max_tokens op: checks value, then cuda::fc_decode_max_tokens (launchers.h).
 int64_t fc_decode_max_tokens(int64_t value);
 #endif
 

@@ -1,5 +1,8 @@
 // Every eagle3 operator schema, and the CPU / CUDA implementations behind them.
 #include "ops.h"
+#ifdef EAGLE3_WITH_CUDA
+#include "launchers.h"
+#endif
 
 #include <torch/library.h>
 
@@ -18,6 +21,16 @@ TORCH_LIBRARY(eagle3, m) {
   m.def("_fc_decode_max_tokens(int value=-1) -> int", [](int64_t value) -> int64_t {
 #ifdef EAGLE3_WITH_CUDA
     return eagle3::fc_decode_max_tokens(value);
+#else
+    return 0;
+#endif
+  });
+  // Largest shared-memory stage per block of the CUDA norm kernels, in bytes (0: never
+  // stage; rows are then read twice from global memory); sets it and returns the previous
+  // value, -1 only queries. For benchmarks that compare the two strategies.
+  m.def("_norm_stage_limit(int value=-1) -> int", [](int64_t value) -> int64_t {
+#ifdef EAGLE3_WITH_CUDA
+    return eagle3::cuda::set_norm_stage_limit(value);
 #else
     return 0;
 #endif

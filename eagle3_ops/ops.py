@@ -29,9 +29,15 @@ def has_cuda_kernels() -> bool:
     return _ops._build_info() == "cuda"
 
 
+_MAX_CHUNKS = 64  # kMaxChunks in csrc/checks.h
+
+
 def _as_tensor_list(name: str, xs) -> list:
     if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
+    if not xs:
+        # With no tensor argument the dispatcher cannot reach the op's own check.
+        raise ValueError(f"{name} must hold at least one tensor, got an empty list")
     for i, x in enumerate(xs):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
@@ -108,8 +114,6 @@ def fold_norm_weights(fc_weight: Tensor, norm_weights: Union[Tensor, Sequence[Te
         parts = [norm_weights]
     else:
         parts = _as_tensor_list("norm_weights", norm_weights)
-        if not parts:
-            raise ValueError("fold_norm_weights: norm_weights is an empty list; expected one weight per chunk")
     for i, w in enumerate(parts):
         if w.dim() != 1:
             raise ValueError(f"fold_norm_weights: norm_weights[{i}] must be 1-D, got shape {tuple(w.shape)}")
@@ -129,6 +133,8 @@ def fold_norm_weights(fc_weight: Tensor, norm_weights: Union[Tensor, Sequence[Te
 def _check_fake_chunks(op: str, xs: list) -> tuple[list, int]:
     if not xs:
         raise ValueError(f"{op}: xs must hold at least one tensor, got an empty list")
+    if len(xs) > _MAX_CHUNKS:
+        raise ValueError(f"{op}: xs may hold at most {_MAX_CHUNKS} tensors, got {len(xs)}")
     lead = list(xs[0].shape[:-1])
     for k, x in enumerate(xs):
         if x.dim() < 1 or list(x.shape[:-1]) != lead:

@@ -1,6 +1,10 @@
 #include "cuda/common.cuh"
 
 #include <array>
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <utility>
 
 namespace eagle3::cuda {
 
@@ -26,6 +30,29 @@ int max_smem_optin(int device) {
 int sm_count(int device) {
   static std::array<int, kMaxDevices> cache{};
   return cached_attribute(cudaDevAttrMultiProcessorCount, device, cache);
+}
+
+namespace {
+std::atomic<int64_t> g_norm_stage_limit{100 * 1024};
+}  // namespace
+
+int64_t norm_stage_limit() { return g_norm_stage_limit.load(std::memory_order_relaxed); }
+
+int64_t set_norm_stage_limit(int64_t bytes) {
+  if (bytes < 0) return g_norm_stage_limit.load();
+  return g_norm_stage_limit.exchange(bytes);
+}
+
+void configure_staging_kernel(const void* kernel, int64_t smem_bytes, int device) {
+  if (smem_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  // The carveout is a per-kernel hint; set it once per device and kernel.
+  static std::mutex mu;
+  static std::set<std::pair<int, const void*>> done;
+  const std::lock_guard<std::mutex> lock(mu);
+  if (done.insert({device, kernel}).second)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
 }
 
 }  // namespace eagle3::cuda

@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include "checks.h"
+#include "launchers.h"
 
 namespace eagle3::cuda {
 
@@ -99,6 +99,14 @@ struct ChunkTable {
 int max_smem_optin(int device);  // cudaDevAttrMaxSharedMemoryPerBlockOptin, cached per device
 int sm_count(int device);        // multiprocessors, cached per device
 
+// Largest shared-memory stage (bytes per block) the norm kernels use; a row that needs more
+// is read twice from global memory instead (the second read hits L2). 0: never stage.
+int64_t norm_stage_limit();
+// Before a launch of a staging kernel: raise its dynamic shared-memory limit when it needs
+// more than 48 KB, and ask for the largest shared-memory carveout, so the number of rows in
+// flight per SM is bounded by the stage size rather than by the L1 / shared split.
+void configure_staging_kernel(const void* kernel, int64_t smem_bytes, int device);
+
 inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
 // Threads for a row whose largest chunk has `max_vecs` vectors: about kVecsPerThread
@@ -114,12 +122,3 @@ inline int threads_for(int64_t max_vecs) {
 
 }  // namespace eagle3::cuda
 
-namespace eagle3::cuda {
-
-// Normalises (per chunk, shared, or not at all) the chunks of `c` into out [T, sum H_k]
-// (contiguous, allocated by the caller) with one launch of the rms_norm_cat kernel.
-// weights_1d: empty, or one entry per chunk (undefined = no weight), contiguous 1-D.
-void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
-                     at::Tensor& out);
-
-}  // namespace eagle3::cuda

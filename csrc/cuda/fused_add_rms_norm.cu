@@ -12,7 +12,6 @@ namespace eagle3::cuda {
 namespace {
 
 constexpr int kMaxThreads = 512;
-constexpr int kMaxStageBytes = 100 * 1024;
 
 template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -109,46 +108,35 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
 }
 
 }  // namespace
-}  // namespace eagle3::cuda
 
-namespace eagle3 {
-
-std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
-                                                           const OptTensor& weight, double eps) {
-  using namespace eagle3::cuda;
-  auto [x2, r2] = check_fused_add(x, residual, weight, eps);
-  at::Tensor normed = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor sum = at::empty_like(normed);
-  const int64_t rows = x2.size(0), width = x2.size(1);
-  if (rows == 0) return {normed, sum};
-  TORCH_CHECK_VALUE(width <= INT32_MAX, "fused_add_rms_norm: width ", width, " exceeds 2^31 - 1");
-  const at::Tensor w = weight.has_value() ? weight_1d(*weight) : at::Tensor();
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int device = x.get_device();
+void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tensor& w, float eps, at::Tensor& normed,
+                      at::Tensor& sum) {
+  const int64_t rows = x2.size(0), width = x2.size(1);  // width <= INT32_MAX (checked by check_fused_add)
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const int device = x2.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
 
-  EAGLE3_DISPATCH_FLOAT_TYPES(x.scalar_type(), "fused_add_rms_norm", [&] {
+  EAGLE3_DISPATCH_FLOAT_TYPES(x2.scalar_type(), "fused_add_rms_norm", [&] {
     constexpr int V = Vec<scalar_t>::N;
     const void* wp = w.defined() ? w.data_ptr() : nullptr;
-    const int w_kind = !w.defined() ? kNoWeight : (w.scalar_type() == x.scalar_type() ? kWeightSameType : kWeightFp32);
+    const int w_kind = !w.defined() ? kNoWeight : (w.scalar_type() == x2.scalar_type() ? kWeightSameType : kWeightFp32);
     const bool vec = aligned16(x2.data_ptr()) && aligned16(r2.data_ptr()) && x2.stride(0) % V == 0 &&
                      r2.stride(0) % V == 0 && width % V == 0 && (wp == nullptr || aligned16(wp));
     const int threads = threads_for(vec ? width / V : width);
     const int64_t width_pad = (width + V - 1) / V * V;
     const int64_t staged_bytes = 32 * sizeof(float) + 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t));
-    const bool staged = staged_bytes <= std::min<int64_t>(kMaxStageBytes, max_smem_optin(device));
+    const bool staged = staged_bytes <= std::min<int64_t>(norm_stage_limit(), max_smem_optin(device));
     const int64_t smem = staged ? staged_bytes : 32 * sizeof(float);
     auto* kernel = staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    if (staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), smem, device);
     const int64_t grid = std::min<int64_t>(rows, INT32_MAX);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
         static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
         r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
-        rows, static_cast<int>(width), static_cast<float>(eps), vec);
+        rows, static_cast<int>(width), eps, vec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {normed, sum};
 }
 
-}  // namespace eagle3
+}  // namespace eagle3::cuda

@@ -15,8 +15,6 @@ namespace eagle3::cuda {
 namespace {
 
 constexpr int kMaxThreads = 512;
-// Above this much shared memory per block a row is not staged (re-read from L2 instead).
-constexpr int kMaxStageBytes = 100 * 1024;
 
 // Scales VEC elements in fp32 by `scale` and the chunk's weight, rounds once to T.
 template <typename T>
@@ -130,11 +128,7 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
 
 void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
                      at::Tensor& out) {
-  const int num_chunks = static_cast<int>(c.rows.size());
-  TORCH_CHECK_VALUE(num_chunks <= kMaxChunks, "eagle3: at most ", kMaxChunks, " inputs per call are supported, got ",
-                    num_chunks);
-  TORCH_CHECK_VALUE(c.total_width <= INT32_MAX, "eagle3: the concatenated width ", c.total_width,
-                    " exceeds 2^31 - 1");
+  const int num_chunks = static_cast<int>(c.rows.size());  // <= kMaxChunks (checked by check_chunks)
   if (c.num_rows == 0) return;
   const at::Tensor& x0 = c.rows[0];
   const c10::cuda::CUDAGuard guard(x0.device());
@@ -164,12 +158,11 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     const int threads = threads_for(max_vecs);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
     const int64_t staged_bytes = sums_bytes + stage_elems * static_cast<int64_t>(sizeof(scalar_t));
-    const bool staged = staged_bytes <= std::min<int64_t>(kMaxStageBytes, max_smem_optin(device));
+    const bool staged = staged_bytes <= std::min<int64_t>(norm_stage_limit(), max_smem_optin(device));
     const int64_t smem = staged ? staged_bytes : sums_bytes;
     const int64_t grid = std::min<int64_t>(c.num_rows, INT32_MAX);
     auto* kernel = staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    if (staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), smem, device);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(tab, num_chunks,
                                                                    static_cast<scalar_t*>(out.data_ptr()), c.num_rows,
                                                                    static_cast<int>(c.total_width), eps,
@@ -179,18 +172,3 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
 }
 
 }  // namespace eagle3::cuda
-
-namespace eagle3 {
-
-at::Tensor rms_norm_cat_cuda(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& weights, double eps,
-                             bool shared_stats) {
-  const char* op = "rms_norm_cat";
-  ChunkRows c = check_chunks(op, xs);
-  check_norm_weights(op, c, weights);
-  check_eps(op, eps);
-  at::Tensor out = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
-  cuda::launch_norm_cat(c, weights_as_1d(weights), static_cast<float>(eps), shared_stats ? NormMode::kShared : NormMode::kChunk, out);
-  return out.view(c.out_shape);
-}
-
-}  // namespace eagle3

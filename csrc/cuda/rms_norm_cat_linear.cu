@@ -108,17 +108,20 @@ fc_decode_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
 }
 
 // Largest T served by the decode kernel (0 disables it; the op's setter takes 0..8).
-// Default 1, from the H200 run of 6e31654 (graph replay, K=3, bf16, H=4096 / 7168,
-// against F.linear alone on the pre-normalised input): the decode kernel was 0.88 / 0.99x
-// of F.linear at T=1 but 0.63 / 0.85x at T=2 and 0.23 / 0.18x at T=8 (its CUDA-core FMAs
-// grow with T), while norm_cat + cuBLAS held 0.80 / 0.90x from T=16 on.
+// Default 1, from the H200 runs (graph replay, K=3, bf16, H=4096 / 7168, against F.linear
+// alone on the pre-normalised input): at T=1 the decode kernel was 0.96 / 0.96x of F.linear
+// (bench/results/nvidia-h200-9270c2ab7fde.json, T=1 only); at 6e31654 it was 0.63 / 0.85x
+// at T=2 and 0.23 / 0.18x at T=8 (its CUDA-core FMAs grow with T), while norm_cat + cuBLAS
+// held 0.83 / 0.91x at T=2..64 (9270c2a).
 std::atomic<int64_t> g_decode_max_tokens{1};
+
+}  // namespace
 
 bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
   const int64_t T = c.num_rows, N = weight.size(0);
   if (T < 1 || N < 1 || T > g_decode_max_tokens.load(std::memory_order_relaxed) || T > 8) return false;
   if (weight.stride(1) != 1 || weight.stride(0) != c.total_width || !aligned16(weight.data_ptr())) return false;
-  if (c.rows.size() > static_cast<size_t>(kMaxChunks) || c.total_width > INT32_MAX || N > INT32_MAX) return false;
+  if (N > INT32_MAX) return false;
   bool ok = true;
   EAGLE3_DISPATCH_FLOAT_TYPES(c.rows[0].scalar_type(), "rms_norm_cat_linear", [&] {
     constexpr int V = Vec<scalar_t>::N;
@@ -150,31 +153,9 @@ bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, N
   return ok;
 }
 
-}  // namespace
-}  // namespace eagle3::cuda
-
-namespace eagle3 {
-
 int64_t fc_decode_max_tokens(int64_t value) {
-  TORCH_CHECK_VALUE(value >= -1 && value <= 8, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got ", value);
-  if (value < 0) return cuda::g_decode_max_tokens.load();
-  return cuda::g_decode_max_tokens.exchange(value);
+  if (value < 0) return g_decode_max_tokens.load();
+  return g_decode_max_tokens.exchange(value);
 }
 
-at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
-                                    const std::string& norm) {
-  const char* op = "rms_norm_cat_linear";
-  ChunkRows c = check_chunks(op, xs);
-  check_linear_weight(c, weight);
-  check_eps(op, eps);
-  const NormMode mode = parse_norm_mode(op, norm);
-  std::vector<int64_t> out_shape = c.out_shape;
-  out_shape.back() = weight.size(0);
-  at::Tensor out = at::empty({c.num_rows, weight.size(0)}, c.rows[0].options());
-  if (cuda::launch_fc_decode(c, weight, static_cast<float>(eps), mode, out)) return out.view(out_shape);
-  at::Tensor xn = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
-  cuda::launch_norm_cat(c, {}, static_cast<float>(eps), mode, xn);
-  return at::mm_out(out, xn, weight.t()).view(out_shape);
-}
-
-}  // namespace eagle3
+}  // namespace eagle3::cuda

@@ -1,0 +1,74 @@
+"""Quick GPU comparison of the kernels' alternative strategies, in one process (~20 s).
+
+    python -m bench.tune [--out FILE.json]
+
+For the norm kernels: the shared-memory stage (rows staged once with cp.async) against
+no stage (rows read twice from global memory, the second read from L2), selected with
+``torch.ops.eagle3._norm_stage_limit``. For the fc: the decode kernel against
+rms_norm_cat + cuBLAS at T = 1..8, selected with ``torch.ops.eagle3._fc_decode_max_tokens``.
+Each figure is a CUDA-event median on rotated inputs, beside the copy bandwidth measured
+in the same run. The defaults in csrc/ are chosen from these tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import eagle3_ops  # noqa: F401  (loads the ops)
+from bench import cases as C
+from bench import timing
+
+OPS = torch.ops.eagle3
+
+
+def _time_ours(case: C.Case, budget: timing.Budget, cache_bytes: int) -> float:
+    n = C.rotation_copies(case, cache_bytes, cap=64, mem_cap_bytes=8 << 30)
+    impl = next(i for i in C.implementations(case, with_compile=False).impls if i.name == "eagle3")
+    calls = [impl.prepare(C.make_inputs(case, seed=i)) for i in range(n)]
+    return timing.time_cuda(calls, budget).median_us
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args()
+    cache, _ = timing.cuda_l2_bytes()
+    copy = timing.copy_gbps("cuda", 2 << 30)
+    budget = timing.Budget(seconds=0.3, min_reps=10, max_reps=200, min_sample_s=1e-3)
+    rows = []
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
+    print("| op | T | H | variant | us | GB/s | % copy |")
+    print("|---|---|---|---|---|---|---|")
+    default_stage = OPS._norm_stage_limit(-1)
+    for op in ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm"):
+        for H in (4096, 8192):
+            case = C.make_case(op, 16384, H, torch.bfloat16, "cuda")
+            for name, limit in (("staged", default_stage), ("two-pass", 0)):
+                OPS._norm_stage_limit(limit)
+                us = _time_ours(case, budget, cache)
+                gbps = case.bytes_moved() / us / 1e3
+                rows.append(dict(op=op, T=case.T, H=H, variant=name, us=us, gbps=gbps, pct_copy=100 * gbps / copy))
+                print(f"| {op} | {case.T} | {H} | {name} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} |")
+    OPS._norm_stage_limit(default_stage)
+    default_decode = OPS._fc_decode_max_tokens(-1)
+    for H in (4096, 7168):
+        for T in (1, 2, 4, 8):
+            case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
+            for name, limit in (("decode", 8), ("norm_cat+cuBLAS", 0)):
+                OPS._fc_decode_max_tokens(limit)
+                us = _time_ours(case, budget, cache)
+                gbps = case.bytes_moved() / us / 1e3
+                rows.append(dict(op=C.FC_OP, T=T, H=H, variant=name, us=us, gbps=gbps, pct_copy=100 * gbps / copy))
+                print(f"| {C.FC_OP} | {T} | {H} | {name} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} |")
+    OPS._fc_decode_max_tokens(default_decode)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

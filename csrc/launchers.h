@@ -1,0 +1,44 @@
+// The device-specific half of each op: launchers that take validated inputs and
+// allocated outputs. ops.cpp validates, allocates and calls these through a Backend, so
+// the CPU and CUDA entry points share one implementation and every input error is
+// raised before any device code runs.
+#pragma once
+
+#include "checks.h"
+
+namespace eagle3 {
+
+struct Backend {
+  // out [T, sum H_k] contiguous <- per-chunk / shared / no normalisation of c's chunks.
+  void (*norm_cat)(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
+                   at::Tensor& out);
+  // normed, sum [T, H] contiguous <- x2, r2 row views [T, H]; w contiguous 1-D or undefined.
+  void (*fused_add)(const at::Tensor& x2, const at::Tensor& r2, const at::Tensor& w, float eps, at::Tensor& normed,
+                    at::Tensor& sum);
+  // out [T, N] <- the whole fc in one kernel when it serves this call; false: not served.
+  bool (*fc_direct)(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
+};
+
+namespace cpu {
+void norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode, at::Tensor& out);
+void fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tensor& w, float eps, at::Tensor& normed,
+               at::Tensor& sum);
+}  // namespace cpu
+
+#ifdef EAGLE3_WITH_CUDA
+namespace cuda {
+void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
+                     at::Tensor& out);
+void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tensor& w, float eps, at::Tensor& normed,
+                      at::Tensor& sum);
+bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
+// Largest T served by launch_fc_decode (0 disables it); sets it and returns the previous
+// value, -1 only queries.
+int64_t fc_decode_max_tokens(int64_t value);
+// Largest shared-memory stage per block of the norm kernels (0: never stage, rows are read
+// twice from global memory); sets it and returns the previous value, -1 only queries.
+int64_t set_norm_stage_limit(int64_t bytes);
+}  // namespace cuda
+#endif
+
+}  // namespace eagle3

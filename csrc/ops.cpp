@@ -1,0 +1,98 @@
+// One implementation of each op, shared by CPU and CUDA: validate (errors name the
+// argument), allocate the outputs, call the backend's launchers.
+#include "launchers.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+namespace eagle3 {
+namespace {
+
+at::Tensor rms_norm_cat_impl(const Backend& b, const std::vector<at::Tensor>& xs,
+                             const std::vector<OptTensor>& weights, double eps, bool shared_stats) {
+  const char* op = "rms_norm_cat";
+  const ChunkRows c = check_chunks(op, xs);
+  check_norm_weights(op, c, weights);
+  check_eps(op, eps);
+  at::Tensor out = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
+  if (c.num_rows > 0)
+    b.norm_cat(c, weights_as_1d(weights), static_cast<float>(eps),
+               shared_stats ? NormMode::kShared : NormMode::kChunk, out);
+  return out.view(c.out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_impl(const Backend& b, const at::Tensor& x,
+                                                           const at::Tensor& residual, const OptTensor& weight,
+                                                           double eps) {
+  auto [x2, r2] = check_fused_add(x, residual, weight, eps);
+  at::Tensor normed = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor sum = at::empty_like(normed);
+  if (x2.size(0) > 0) {
+    at::Tensor n2 = normed.view({-1, x2.size(1)}), s2 = sum.view({-1, x2.size(1)});
+    b.fused_add(x2, r2, weight.has_value() ? weight_1d(*weight) : at::Tensor(), static_cast<float>(eps), n2, s2);
+  }
+  return {normed, sum};
+}
+
+at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tensor>& xs, const at::Tensor& weight,
+                                    double eps, const std::string& norm) {
+  const char* op = "rms_norm_cat_linear";
+  const ChunkRows c = check_chunks(op, xs);
+  check_linear_weight(c, weight);
+  check_eps(op, eps);
+  const NormMode mode = parse_norm_mode(op, norm);
+  std::vector<int64_t> out_shape = c.out_shape;
+  out_shape.back() = weight.size(0);
+  at::Tensor out = at::empty({c.num_rows, weight.size(0)}, c.rows[0].options());
+  if (c.num_rows == 0) return out.view(out_shape);
+  if (b.fc_direct && b.fc_direct(c, weight, static_cast<float>(eps), mode, out)) return out.view(out_shape);
+  // The norm weights are folded into `weight`: normalise without weights, then one GEMM.
+  at::Tensor xn = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
+  b.norm_cat(c, {}, static_cast<float>(eps), mode, xn);
+  // Below autograd: this op has no derivative formula, and the GEMM must not record one
+  // (nor refuse out= because an argument requires grad).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::mm_out(out, xn, weight.t());
+  return out.view(out_shape);
+}
+
+const Backend kCpu{&cpu::norm_cat, &cpu::fused_add, nullptr};
+#ifdef EAGLE3_WITH_CUDA
+const Backend kCuda{&cuda::launch_norm_cat, &cuda::launch_fused_add, &cuda::launch_fc_decode};
+#endif
+
+}  // namespace
+
+at::Tensor rms_norm_cat_cpu(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& weights, double eps,
+                            bool shared_stats) {
+  return rms_norm_cat_impl(kCpu, xs, weights, eps, shared_stats);
+}
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                          const OptTensor& weight, double eps) {
+  return fused_add_rms_norm_impl(kCpu, x, residual, weight, eps);
+}
+at::Tensor rms_norm_cat_linear_cpu(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
+                                   const std::string& norm) {
+  return rms_norm_cat_linear_impl(kCpu, xs, weight, eps, norm);
+}
+
+#ifdef EAGLE3_WITH_CUDA
+at::Tensor rms_norm_cat_cuda(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& weights, double eps,
+                             bool shared_stats) {
+  return rms_norm_cat_impl(kCuda, xs, weights, eps, shared_stats);
+}
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                           const OptTensor& weight, double eps) {
+  return fused_add_rms_norm_impl(kCuda, x, residual, weight, eps);
+}
+at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
+                                    const std::string& norm) {
+  return rms_norm_cat_linear_impl(kCuda, xs, weight, eps, norm);
+}
+int64_t fc_decode_max_tokens(int64_t value) {
+  TORCH_CHECK_VALUE(value >= -1 && value <= 8, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got ", value);
+  return cuda::fc_decode_max_tokens(value);
+}
+#endif
+
+}  // namespace eagle3
