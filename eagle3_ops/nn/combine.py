@@ -100,21 +100,16 @@ def combine_aux(aux, fc_weight: Tensor, norm: str, norm_weights: Sequence[Tensor
     return F.linear(x, fc_weight)
 
 
-class Eagle3Combine(nn.Module):
-    """The EAGLE-3 fc over the K aux hidden states: owns ``fc`` (``Linear(K*H_t -> H)``, no
-    bias) and, per config, ``input_norm`` (norm_before_fc: one RMSNorm over the K*H_t row)
+class CombineParams:
+    """The parameters of the EAGLE-3 fc and its folded weight: ``fc`` (``Linear(K*H_t -> H)``,
+    no bias) and, per config, ``input_norm`` (norm_before_fc: one RMSNorm over the K*H_t row)
     or ``fc_norm.{k}`` (fc_norm: one RMSNorm per aux chunk); the absent one is None.
 
-    ``forward(aux)`` takes ``[..., K*H_t]`` (1-D too) or a list of K ``[..., H_t]`` tensors
-    and returns ``[..., H]`` through one ``rms_norm_cat_linear`` call with the cached folded
-    weight (see the module docstring for when it is rebuilt; ``refresh()`` drops it).
+    Shared by :class:`Eagle3Combine` and the drafters, whose checkpoints keep these
+    parameters at the top level. Mixed into an ``nn.Module`` that has a resolved ``config``.
     """
 
-    def __init__(self, config, *, device=None, dtype=None):
-        super().__init__()
-        c = self.config = resolve(config)
-        fk = {"device": device, "dtype": dtype}
-        self.num_aux, self.width, self.eps = c.num_aux_hidden_states, c.target_hidden_size, c.rms_norm_eps
+    def _init_combine(self, c, **fk) -> None:
         self.fc = nn.Linear(c.fc_in_features, c.hidden_size, bias=False, **fk)
         self.input_norm = RMSNorm(c.fc_in_features, c.rms_norm_eps, **fk) if c.norm_before_fc else None
         self.fc_norm = (nn.ModuleList(RMSNorm(c.target_hidden_size, c.rms_norm_eps, **fk)
@@ -133,15 +128,34 @@ class Eagle3Combine(nn.Module):
         return []
 
     def refresh(self) -> None:
-        """Drop the cached folded weight (needed only after edits through ``param.data``)."""
+        """Drop the cached folded fc weight (needed only after edits through ``param.data``)."""
         self._folded.clear()
 
+    def _combine(self, aux: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        c = self.config
+        return combine_aux(aux, self.fc.weight, self.norm_mode, self.norm_weights(), c.rms_norm_eps,
+                           c.num_aux_hidden_states, c.target_hidden_size, self._folded)
+
+
+class Eagle3Combine(CombineParams, nn.Module):
+    """The EAGLE-3 fc over the K aux hidden states (parameters: see :class:`CombineParams`).
+
+    ``forward(aux)`` takes ``[..., K*H_t]`` (1-D too) or a list of K ``[..., H_t]`` tensors
+    and returns ``[..., H]`` through one ``rms_norm_cat_linear`` call with the cached folded
+    weight (see the module docstring for when it is rebuilt; ``refresh()`` drops it).
+    """
+
+    def __init__(self, config, *, device=None, dtype=None):
+        super().__init__()
+        c = self.config = resolve(config)
+        self._init_combine(c, device=device, dtype=dtype)
+
     def forward(self, aux: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-        return combine_aux(aux, self.fc.weight, self.norm_mode, self.norm_weights(), self.eps,
-                           self.num_aux, self.width, self._folded)
+        return self._combine(aux)
 
     def extra_repr(self) -> str:
-        return f"num_aux={self.num_aux}, target_hidden_size={self.width}, norm={self.norm_mode!r}"
+        c = self.config
+        return f"num_aux={c.num_aux_hidden_states}, target_hidden_size={c.target_hidden_size}, norm={self.norm_mode!r}"
 
 
 class FoldedRMSNorm(nn.Module):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..config import resolve
 from . import loading
-from .combine import FoldedWeightCache, combine_aux
+from .combine import CombineParams
 from .norm import RMSNorm, use_kernels, weight_for
 from .rope import RotaryEmbedding
 
@@ -154,7 +154,7 @@ class Eagle3DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class Eagle3LlamaDrafter(nn.Module):
+class Eagle3LlamaDrafter(CombineParams, nn.Module):
     """The Llama EAGLE-3 draft model (DESIGN.md section 1) on the eagle3 ops.
 
     ``config``: anything :func:`eagle3_ops.config.resolve` accepts (a dict of any layout, a
@@ -180,10 +180,7 @@ class Eagle3LlamaDrafter(nn.Module):
         fk = {"device": device, "dtype": dtype}
         H = c.hidden_size
         self.embed_tokens = nn.Embedding(c.vocab_size, H, **fk)
-        self.fc = nn.Linear(c.fc_in_features, H, bias=False, **fk)
-        self.input_norm = RMSNorm(c.fc_in_features, c.rms_norm_eps, **fk) if c.norm_before_fc else None
-        self.fc_norm = (nn.ModuleList(RMSNorm(c.target_hidden_size, c.rms_norm_eps, **fk)
-                                      for _ in range(c.num_aux_hidden_states)) if c.fc_norm else None)
+        self._init_combine(c, **fk)
         self.layers = nn.ModuleList(Eagle3DecoderLayer(c, i, **fk) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(H, c.rms_norm_eps, **fk)
         self.lm_head = nn.Linear(H, c.draft_vocab_size, bias=False, **fk)
@@ -195,7 +192,6 @@ class Eagle3LlamaDrafter(nn.Module):
             self.register_buffer("t2d", None)
         self.tie_weights()
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
-        self._folded = FoldedWeightCache()
         #: names of weights the checkpoint did not hold (embed_tokens / lm_head shared with
         #: the target); forward / compute_logits refuse to run until set_target_weights.
         self.missing_weights: set = set()
@@ -212,28 +208,11 @@ class Eagle3LlamaDrafter(nn.Module):
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @property
-    def norm_mode(self) -> str:
-        return "shared" if self.input_norm is not None else "chunk" if self.fc_norm is not None else "none"
-
-    def _norm_weights(self) -> list:
-        if self.input_norm is not None:
-            return [self.input_norm.weight]
-        if self.fc_norm is not None:
-            return [n.weight for n in self.fc_norm]
-        return []
-
-    def refresh(self) -> None:
-        """Drop the cached folded fc weight (only needed after edits through ``param.data``)."""
-        self._folded.clear()
-
     # ---- compute -------------------------------------------------------------------------
 
     def combine_hidden_states(self, aux: Union[Tensor, Sequence[Tensor]]) -> Tensor:
         """The fc over the K aux hidden states: ``[..., K*H_t]`` or K ``[..., H_t]`` -> ``[..., H]``."""
-        c = self.config
-        return combine_aux(aux, self.fc.weight, self.norm_mode, self._norm_weights(), c.rms_norm_eps,
-                           c.num_aux_hidden_states, c.target_hidden_size, self._folded)
+        return self._combine(aux)
 
     def _check_present(self, name: str) -> None:
         if name in self.missing_weights:
