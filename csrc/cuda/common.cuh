@@ -95,6 +95,35 @@ struct ChunkTable {
   ChunkDesc c[kMaxChunks];
 };
 
+// ---- norm weights (none, x's dtype, or fp32) as fp32 ---------------------------------------
+// The V weights [i, i + V) of a contiguous, 16-byte aligned weight (i a multiple of V).
+template <typename T>
+__device__ __forceinline__ void load_weight_vec(const void* w, int w_kind, int64_t i, float (&out)[Vec<T>::N]) {
+  constexpr int V = Vec<T>::N;
+  if (w_kind == kWeightSameType) {
+    const Vec<T> wv = load_vec_ro(static_cast<const T*>(w) + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = to_float(wv.v[j]);
+  } else if (w_kind == kWeightFp32) {
+    const float4* wp = reinterpret_cast<const float4*>(static_cast<const float*>(w) + i);
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      const float4 f = __ldg(wp + q);
+      out[4 * q] = f.x; out[4 * q + 1] = f.y; out[4 * q + 2] = f.z; out[4 * q + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = 1.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float weight_at(const void* w, int w_kind, int64_t i) {
+  if (w_kind == kWeightSameType) return to_float(static_cast<const T*>(w)[i]);
+  if (w_kind == kWeightFp32) return static_cast<const float*>(w)[i];
+  return 1.f;
+}
+
 // ---- launch helpers --------------------------------------------------------------------------
 int max_smem_optin(int device);  // cudaDevAttrMaxSharedMemoryPerBlockOptin, cached per device
 int sm_count(int device);        // multiprocessors, cached per device

@@ -27,8 +27,6 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
   const int width_pad = (width + V - 1) / V * V;
   T* stage_x = reinterpret_cast<T*>(smem_raw + 32 * sizeof(float));
   T* stage_r = stage_x + width_pad;
-  const float* wf = static_cast<const float*>(w);
-  const T* wt = static_cast<const T*>(w);
 
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const T* xr = x + row * x_stride;
@@ -78,20 +76,7 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
       for (int i = threadIdx.x * V; i < width; i += blockDim.x * V) {
         const Vec<T> a = load_vec(xr + i), b = load_vec(rr + i);
         float wv[V];
-        if (w_kind == kWeightSameType) {
-          const Vec<T> q = load_vec_ro(wt + i);
-#pragma unroll
-          for (int j = 0; j < V; ++j) wv[j] = to_float(q.v[j]);
-        } else if (w_kind == kWeightFp32) {
-#pragma unroll
-          for (int q = 0; q < V / 4; ++q) {
-            const float4 f = __ldg(reinterpret_cast<const float4*>(wf + i) + q);
-            wv[4 * q] = f.x; wv[4 * q + 1] = f.y; wv[4 * q + 2] = f.z; wv[4 * q + 3] = f.w;
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) wv[j] = 1.f;
-        }
+        load_weight_vec<T>(w, w_kind, i, wv);
         Vec<T> y;
 #pragma unroll
         for (int j = 0; j < V; ++j) y.v[j] = from_float<T>((to_float(a.v[j]) + to_float(b.v[j])) * scale * wv[j]);
@@ -99,8 +84,7 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
       }
     } else {
       for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        const float wv = w_kind == kWeightSameType ? to_float(wt[i]) : (w_kind == kWeightFp32 ? wf[i] : 1.f);
-        out_row[i] = from_float<T>((to_float(xr[i]) + to_float(rr[i])) * scale * wv);
+        out_row[i] = from_float<T>((to_float(xr[i]) + to_float(rr[i])) * scale * weight_at<T>(w, w_kind, i));
       }
     }
     __syncthreads();  // warp_sums and the stage are reused by the block's next row

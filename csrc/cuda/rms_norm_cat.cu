@@ -16,37 +16,16 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 
-// Scales VEC elements in fp32 by `scale` and the chunk's weight, rounds once to T.
+// Scales V elements in fp32 by `scale` and the chunk's weight, rounds once to T.
 template <typename T>
 __device__ __forceinline__ Vec<T> scale_vec(const Vec<T>& x, float scale, const ChunkDesc& c, int64_t i) {
   constexpr int V = Vec<T>::N;
   float w[V];
-  if (c.w_kind == kWeightSameType) {
-    const Vec<T> wv = load_vec_ro(static_cast<const T*>(c.w) + i);
-#pragma unroll
-    for (int j = 0; j < V; ++j) w[j] = to_float(wv.v[j]);
-  } else if (c.w_kind == kWeightFp32) {
-    const float4* wp = reinterpret_cast<const float4*>(static_cast<const float*>(c.w) + i);
-#pragma unroll
-    for (int q = 0; q < V / 4; ++q) {
-      const float4 f = __ldg(wp + q);
-      w[4 * q] = f.x; w[4 * q + 1] = f.y; w[4 * q + 2] = f.z; w[4 * q + 3] = f.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j) w[j] = 1.f;
-  }
+  load_weight_vec<T>(c.w, c.w_kind, i, w);
   Vec<T> y;
 #pragma unroll
   for (int j = 0; j < V; ++j) y.v[j] = from_float<T>(to_float(x.v[j]) * scale * w[j]);
   return y;
-}
-
-template <typename T>
-__device__ __forceinline__ float weight_at(const ChunkDesc& c, int64_t i) {
-  if (c.w_kind == kWeightSameType) return to_float(static_cast<const T*>(c.w)[i]);
-  if (c.w_kind == kWeightFp32) return static_cast<const float*>(c.w)[i];
-  return 1.f;
 }
 
 template <typename T, bool kStaged>
@@ -117,7 +96,7 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
           store_vec(dst + i, scale_vec(load_vec(src + i), scale, c, i));
       } else {
         for (int i = threadIdx.x; i < c.width; i += blockDim.x)
-          dst[i] = from_float<T>(to_float(src[i]) * scale * weight_at<T>(c, i));
+          dst[i] = from_float<T>(to_float(src[i]) * scale * weight_at<T>(c.w, c.w_kind, i));
       }
     }
     __syncthreads();  // warp_sums and the stage are reused by the block's next row
