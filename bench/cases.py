@@ -16,6 +16,14 @@ Ops (the names the command line takes):
 ``fused_add_rms_norm``  ``(norm(x + residual), x + residual)`` on ``[T, H]``.
 ``rms_norm_cat_linear`` the fc: ``F.linear(norm_cat(xs), W)`` with ``W`` ``[N, K*H]``,
                         N = H, K=3; ``norm`` is none / chunk / shared.
+``drafter_step``        the whole drafter step without logits: ``h = combine_hidden_states(aux)``
+                        (aux ``[T, K*H]``, K=3, norm_before_fc: ``norm`` = shared), then
+                        ``drafter(ids, positions, h)`` -> ``(hidden_for_logits, hidden_fed_back)``
+                        over one causal sequence of T tokens (``[T]`` ids / positions, no KV
+                        cache), on a Llama-3-8B-like layer 0 of width H (see
+                        :func:`drafter_config`). eagle3 = ``eagle3_ops.nn.Eagle3LlamaDrafter``;
+                        eager / compile = ``reference_modules.ReferenceLlamaDrafter`` with the
+                        same state dict; the truth is that reference in float64.
 """
 
 from __future__ import annotations
@@ -30,8 +38,16 @@ import torch.nn.functional as F
 import eagle3_ops
 from eagle3_ops import reference as R
 
-OPS = ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm", "rms_norm_cat_linear")
+OPS = ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm", "rms_norm_cat_linear", "drafter_step")
 FC_OP = "rms_norm_cat_linear"
+DRAFTER_OP = "drafter_step"
+#: The drafter's combine normalisation: norm_before_fc (one RMSNorm over the K*H row).
+DRAFTER_NORM = "shared"
+#: The step excludes embed_tokens' full table and lm_head (no logits): a small vocab keeps
+#: memory small without changing what is timed (T embedding rows are gathered either way).
+DRAFTER_VOCAB = 1024
+#: Most input sets rotated for the drafter step (see rotation_copies).
+DRAFTER_ROTATION_CAP = 4
 FC_NORMS = ("none", "chunk", "shared")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -41,7 +57,8 @@ ERR_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.float32: 1e-5}
 
 #: Implementation names, in table order. "eagle3" is ours; the rest are baselines.
 IMPL_ORDER = ("eagle3", "eager", "compile", "liger", "linear")
-#: GB/s is reported for the norms, and for the fc up to this T (while it is a weight stream).
+#: GB/s is reported for the norms, and for the fc and the drafter step up to this T (while
+#: they are a weight stream).
 FC_GBPS_MAX_T = 128
 
 Outputs = Any  # a tensor or a tuple of tensors
@@ -49,8 +66,9 @@ Outputs = Any  # a tensor or a tuple of tensors
 
 @dataclass(frozen=True)
 class Case:
-    """One measured configuration. ``K`` is the number of chunks (1 for the fused add),
-    ``N`` the fc's output width, ``norm`` the fc's normalisation."""
+    """One measured configuration. ``K`` is the number of chunks (1 for the fused add; the
+    number of aux states for the drafter step), ``N`` the fc's output width, ``norm`` the
+    fc's normalisation (the drafter's combine normalisation for drafter_step)."""
 
     op: str
     T: int
@@ -72,12 +90,22 @@ class Case:
     @property
     def label(self) -> str:
         extra = f" N={self.N} norm={self.norm}" if self.op == FC_OP else ""
+        if self.op == DRAFTER_OP:
+            extra = f" norm={self.norm}"
         return f"{self.op} T={self.T} H={self.H} K={self.K}{extra} {self.dtype_name} {self.device}"
 
     def bytes_moved(self) -> int:
         """Fewest bytes through memory: every input read once, every output written once,
-        weights included (the fc weight too)."""
+        weights included (the fc weight too).
+
+        drafter_step: every weight of the step read once (:func:`drafter_param_counts`
+        "weights": combine + layer 0 + final norm, not embed_tokens / lm_head), the inputs
+        (aux ``[T, K*H]``, the T gathered embedding rows ``[T, H]``, int64 ids and positions)
+        and the two ``[T, H]`` outputs; intermediate activations are not counted."""
         T, H, K, e = self.T, self.H, self.K, self.elem
+        if self.op == DRAFTER_OP:
+            # weights + aux + embedding rows + int64 ids and positions + two outputs
+            return drafter_param_counts(H)["weights"] * e + T * K * H * e + T * H * e + 2 * 8 * T + 2 * T * H * e
         if self.op in ("rms_norm_cat", "midlayer_cat"):
             return 2 * T * K * H * e + K * H * e
         if self.op == "fused_add_rms_norm":
@@ -85,12 +113,25 @@ class Case:
         return T * K * H * e + self.N * K * H * e + T * self.N * e
 
     def flops(self) -> int:
-        """Matrix FLOPs of the fc (2 T N K H); 0 for the norms."""
+        """Matrix FLOPs of the fc (2 T N K H); 0 for the norms. drafter_step: 2 T x the
+        matrix weights (fc, q/k/v/o, gate/up/down) + causal attention, QK^T and PV over the
+        T(T+1)/2 query-key pairs: 2 x 2 x heads x head_dim x T(T+1)/2. Norms, RoPE, SiLU
+        and softmax are left out."""
+        if self.op == DRAFTER_OP:
+            p = drafter_param_counts(self.H)
+            return 2 * self.T * p["matmul"] + 2 * p["attn_width"] * self.T * (self.T + 1)
         return 2 * self.T * self.N * self.K * self.H if self.op == FC_OP else 0
+
+    def shared_bytes(self) -> int:
+        """Bytes every rotated input set reads in common (not rotated, not in input_bytes):
+        the drafter's weights; 0 for the other ops, whose weights travel with each set."""
+        return drafter_param_counts(self.H)["weights"] * self.elem if self.op == DRAFTER_OP else 0
 
     def input_bytes(self) -> int:
         """Bytes of one input set (what input rotation copies)."""
         T, H, K, e = self.T, self.H, self.K, self.elem
+        if self.op == DRAFTER_OP:  # aux, ids, positions (the models are shared: shared_bytes)
+            return T * K * H * e + 2 * 8 * T
         if self.op == "fused_add_rms_norm":
             return 2 * T * H * e + H * e
         if self.op == FC_OP:
@@ -99,7 +140,8 @@ class Case:
 
     def check_rows(self) -> Optional[torch.Tensor]:
         """Rows checked against float64; None = all. The float64 fc is slow on a CPU, so
-        there large T checks 64 rows spread over the tensor (first and last included)."""
+        there large T checks 64 rows spread over the tensor (first and last included). The
+        drafter step is always checked whole (attention mixes every row into the last)."""
         if self.op == FC_OP and self.device == "cpu" and self.T > 64:
             return torch.linspace(0, self.T - 1, 64).round().long().unique()
         return None
@@ -108,6 +150,11 @@ class Case:
 def make_case(op: str, T: int, H: int, dtype: torch.dtype, device: str, norm: Optional[str] = None) -> Case:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if op == DRAFTER_OP:
+        if norm not in (None, DRAFTER_NORM):
+            raise ValueError(f"drafter_step measures norm={DRAFTER_NORM!r} (norm_before_fc) only, got {norm!r}")
+        drafter_config(H)  # validates H
+        return Case(op, T, H, dtype, device, K=3, norm=DRAFTER_NORM)
     if op == "midlayer_cat":
         return Case(op, T, H, dtype, device, K=2)
     if op == "fused_add_rms_norm":
@@ -119,13 +166,118 @@ def make_case(op: str, T: int, H: int, dtype: torch.dtype, device: str, norm: Op
     return Case(op, T, H, dtype, device, K=3)
 
 
+# ---- the drafter step: shape, models -------------------------------------------------------
+
+
+def drafter_config(H: int) -> Dict[str, Any]:
+    """A Llama-3(.1)-8B-like EAGLE-3 drafter of width H (eagle3 config layout): head_dim 128
+    (H // heads when H < 128, rounded down to even for RoPE), heads = H / 128, kv heads =
+    heads / 4 (the largest divisor of heads not above it), intermediate = 3.5 H rounded to
+    a multiple of 256 (14336 at H = 4096), one layer, K=3 aux states of width H,
+    norm_before_fc, rope theta 5e5 with llama3 scaling, vocab :data:`DRAFTER_VOCAB`."""
+    if H < 2:
+        raise ValueError(f"drafter_step needs H >= 2 (RoPE needs an even head_dim), got H={H}")
+    heads = max(1, H // 128)
+    head_dim = (H // heads) // 2 * 2
+    kv = max(d for d in range(1, max(1, heads // 4) + 1) if heads % d == 0)
+    return {
+        "hidden_size": H, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+        "intermediate_size": max(256, round(3.5 * H / 256) * 256), "num_hidden_layers": 1,
+        "vocab_size": DRAFTER_VOCAB, "draft_vocab_size": DRAFTER_VOCAB, "num_aux_hidden_states": 3,
+        "norm_before_fc": True, "fc_norm": False, "rms_norm_eps": EPS, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "max_position_embeddings": 131072,
+    }
+
+
+def drafter_param_counts(H: int) -> Dict[str, int]:
+    """Element counts of the step's parameters: ``weights`` = every parameter of combine
+    (fc, input_norm) + layer 0 + final norm (embed_tokens and lm_head excluded); ``matmul``
+    = those of the matrices (fc, q/k/v/o, gate/up/down); ``attn_width`` = heads x head_dim."""
+    c = drafter_config(H)
+    K, heads, kv, hd = 3, c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    inter = c["intermediate_size"]
+    fc = K * H * H
+    attn = 2 * H * (heads + 2 * kv) * hd + heads * hd * H  # q/k/v read the 2H-wide input
+    mlp = 3 * H * inter
+    norms = K * H + 3 * H + H  # input_norm; input_layernorm, hidden_norm, post_attention_layernorm; norm
+    return {"weights": fc + attn + mlp + norms, "matmul": fc + attn + mlp, "attn_width": heads * hd}
+
+
+def _randomize_drafter_(model: torch.nn.Module, device: str, seed: int) -> None:
+    """Fresh weights, generated in float32 on the device: matrices N(0, 1/in), norm weights
+    1 + 0.1 N(0, 1), embeddings N(0, 1)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    for name, p in model.named_parameters():
+        v = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32)
+        if p.dim() == 2 and "embed" not in name:
+            v *= 1.0 / math.sqrt(p.shape[1])
+        elif p.dim() == 1:
+            v = 1.0 + 0.1 * v
+        p.copy_(v.to(p.dtype))
+        del v
+
+
+def build_drafters(H: int, dtype: torch.dtype, device: str, seed: int = 0) -> Dict[str, torch.nn.Module]:
+    """``{"eagle3": Eagle3LlamaDrafter, "eager": ReferenceLlamaDrafter, "ref64": the reference
+    in float64}``, all with the same weights (eagle3's state dict loaded strictly into the
+    others), parameters without grad."""
+    from eagle3_ops.nn import Eagle3LlamaDrafter  # noqa: PLC0415
+    from eagle3_ops.nn.reference_modules import ReferenceLlamaDrafter  # noqa: PLC0415
+
+    cfg = drafter_config(H)
+    # Ordinary tensors even when the runner is in inference mode (version counters: the
+    # folded fc weight's cache sees the load), no autograd history.
+    with torch.inference_mode(False), torch.no_grad():
+        ours = Eagle3LlamaDrafter(cfg, device=device, dtype=dtype)
+        _randomize_drafter_(ours, device, seed)
+        sd = ours.state_dict()
+        out = {"eagle3": ours}
+        for name, dt in (("eager", dtype), ("ref64", torch.float64)):
+            with torch.device("meta"):  # no throw-away init of the reference's weights
+                ref = ReferenceLlamaDrafter(cfg)
+            ref = ref.to(dtype=dt).to_empty(device=device)
+            ref.load_state_dict(sd, strict=True)
+            out[name] = ref
+        del sd
+    for m in out.values():
+        m.requires_grad_(False).eval()
+    return out
+
+
+_DRAFTERS: Dict[tuple, Dict[str, torch.nn.Module]] = {}
+
+
+def drafter_models(case: Case) -> Dict[str, torch.nn.Module]:
+    """The models of ``case``, built once per (H, dtype, device) and kept for the next
+    case of the same shape (one entry: a new shape frees the old models first)."""
+    key = (case.H, case.dtype, case.device)
+    if key not in _DRAFTERS:
+        release_drafter_models()
+        _DRAFTERS[key] = build_drafters(case.H, case.dtype, case.device)
+    return _DRAFTERS[key]
+
+
+def release_drafter_models() -> None:
+    """Free the cached drafter models (the runner calls this when leaving drafter cases)."""
+    if not _DRAFTERS:
+        return
+    _DRAFTERS.clear()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 # ---- inputs -------------------------------------------------------------------------------
 
 
 def make_inputs(case: Case, seed: int = 0) -> Dict[str, Any]:
     """One fresh random input set (never zeros). Keys: ``xs`` (list of [T, H] inputs),
     ``ws`` (per-chunk norm weights) for the norm-cats; ``x``, ``residual``, ``w`` for the
-    fused add; ``xs``, ``gs`` (per-chunk norm weights), ``W`` [N, K*H] for the fc."""
+    fused add; ``xs``, ``gs`` (per-chunk norm weights), ``W`` [N, K*H] for the fc; ``aux``
+    [T, K*H], ``ids`` [T], ``positions`` [T] (seed .. seed + T - 1) and ``models`` (the
+    shared :func:`drafter_models`) for the drafter step."""
     g = torch.Generator(device=case.device)
     g.manual_seed(seed)
     T, H, K, dt, dev = case.T, case.H, case.K, case.dtype, case.device
@@ -137,6 +289,10 @@ def make_inputs(case: Case, seed: int = 0) -> Dict[str, Any]:
     def norm_weights(k):
         return [randn(H, scale=0.1, shift=1.0) for _ in range(k)]
 
+    if case.op == DRAFTER_OP:
+        ids = torch.randint(0, DRAFTER_VOCAB, (T,), generator=g, device=dev)
+        return {"aux": randn(T, K * H), "ids": ids, "positions": torch.arange(seed, seed + T, device=dev),
+                "models": drafter_models(case)}
     if case.op == "midlayer_cat":  # e and h are separate tensors
         return {"xs": [randn(T, H), randn(T, H)], "ws": norm_weights(2)}
     if case.op == "fused_add_rms_norm":
@@ -149,10 +305,16 @@ def make_inputs(case: Case, seed: int = 0) -> Dict[str, Any]:
 
 
 def rotation_copies(case: Case, cache_bytes: int, cap: int, mem_cap_bytes: int) -> int:
-    """How many input sets to rotate so they exceed 2x the cache, within ``cap`` copies and
-    ``mem_cap_bytes``; at least 1."""
+    """How many input sets to rotate so they, with the bytes every set shares (the drafter's
+    weights), exceed 2x the cache, within ``cap`` copies and ``mem_cap_bytes``; at least 1."""
     per = max(case.input_bytes(), 1)
-    want = math.ceil(2 * cache_bytes / per)
+    if case.op == DRAFTER_OP:
+        # The inputs are a sliver of the bytes (aux: 0.2% at H = 4096, T = 64): the weights
+        # stream through the cache on every call whatever the number of sets, so a few sets
+        # suffice (each warm-up pass calls every set once, and a step costs milliseconds on
+        # a CPU).
+        cap = min(cap, DRAFTER_ROTATION_CAP)
+    want = math.ceil(max(0, 2 * cache_bytes - case.shared_bytes()) / per)
     return max(1, min(want, cap, mem_cap_bytes // per))
 
 
@@ -180,6 +342,14 @@ def eager_fc(xs: List[torch.Tensor], gs: List[torch.Tensor], W: torch.Tensor, no
     return F.linear(eager_norm_cat_fc_input(xs, gs, norm), W)
 
 
+def drafter_step(model: torch.nn.Module, aux: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor):
+    """One drafter step without logits: ``model(ids, positions, model.combine_hidden_states(aux))``
+    -> ``(hidden_for_logits, hidden_fed_back)``, for any of the drafter modules (ours, the
+    reference, the float64 reference; compiled for "compile"). Under the runner's
+    ``torch.inference_mode()``; the models' parameters need no grad either way."""
+    return model(ids, positions, model.combine_hidden_states(aux))
+
+
 # ---- implementations ----------------------------------------------------------------------
 
 
@@ -199,6 +369,8 @@ class ImplSet:
 
 
 def _eager_args(case: Case, inp: Dict[str, Any]) -> tuple:
+    if case.op == DRAFTER_OP:
+        return (inp["models"]["eager"], inp["aux"], inp["ids"], inp["positions"])
     if case.op == "fused_add_rms_norm":
         return (inp["x"], inp["residual"], inp["w"])
     if case.op == FC_OP:
@@ -207,10 +379,16 @@ def _eager_args(case: Case, inp: Dict[str, Any]) -> tuple:
 
 
 def _eager_fn(case: Case) -> Callable:
-    return {"fused_add_rms_norm": eager_fused_add, FC_OP: eager_fc}.get(case.op, eager_norm_cat)
+    return {"fused_add_rms_norm": eager_fused_add, FC_OP: eager_fc,
+            DRAFTER_OP: drafter_step}.get(case.op, eager_norm_cat)
 
 
 def _ours(case: Case) -> Impl:
+    if case.op == DRAFTER_OP:
+        def prep(inp):
+            m, aux, ids, pos = inp["models"]["eagle3"], inp["aux"], inp["ids"], inp["positions"]
+            return lambda: drafter_step(m, aux, ids, pos)
+        return Impl("eagle3", prep, note="eagle3_ops.nn.Eagle3LlamaDrafter")
     if case.op == "fused_add_rms_norm":
         def prep(inp):
             x, r, w = inp["x"], inp["residual"], inp["w"]
@@ -236,8 +414,9 @@ def _bind(fn: Callable, case: Case) -> Callable[[Dict[str, Any]], Callable[[], O
 
 
 def _compiled(case: Case) -> Impl:
-    """torch.compile of the eager composition (dynamic=False, fullgraph=True). Compilation
-    happens at the first call, i.e. in the correctness check, where errors are caught."""
+    """torch.compile of the eager composition (dynamic=False, fullgraph=True; for the
+    drafter step: of the reference drafter's step). Compilation happens at the first call,
+    i.e. in the correctness check, where errors are caught."""
     fn = torch.compile(_eager_fn(case), dynamic=False, fullgraph=True)
     return Impl("compile", _bind(fn, case))
 
@@ -263,7 +442,10 @@ def load_liger():
 
 
 def _liger(case: Case, lf) -> Optional[Impl]:
-    """Liger's Triton RMSNorm applied per chunk (+ cat; + F.linear for the fc)."""
+    """Liger's Triton RMSNorm applied per chunk (+ cat; + F.linear for the fc); none for
+    the drafter step."""
+    if case.op == DRAFTER_OP:
+        return None
     if case.op == "fused_add_rms_norm":
         if hasattr(lf, "liger_fused_add_rms_norm"):
             def prep(inp):
@@ -297,7 +479,8 @@ def _liger(case: Case, lf) -> Optional[Impl]:
 def implementations(case: Case, *, with_compile: bool = True, liger=None, liger_note: str = "") -> ImplSet:
     """Ours first, then the baselines: eager, compile, liger (CUDA, when importable), and
     for the fc the F.linear floor."""
-    out = ImplSet([_ours(case), Impl("eager", _bind(_eager_fn(case), case))])
+    eager_note = "reference_modules.ReferenceLlamaDrafter" if case.op == DRAFTER_OP else ""
+    out = ImplSet([_ours(case), Impl("eager", _bind(_eager_fn(case), case), note=eager_note)])
     if with_compile:
         out.impls.append(_compiled(case))
     if case.device == "cuda":
@@ -329,6 +512,8 @@ def reference_fp64(case: Case, inp: Dict[str, Any], rows: Optional[torch.Tensor]
     def take(t):
         return t if rows is None else t[rows.to(t.device)]
 
+    if case.op == DRAFTER_OP:  # the reference drafter in float64, on the exact (upcast) weights
+        return drafter_step(inp["models"]["ref64"], inp["aux"].double(), inp["ids"], inp["positions"])
     if case.op == "fused_add_rms_norm":
         return R.fused_add_rms_norm_fp64(take(inp["x"]), take(inp["residual"]), inp["w"], EPS)
     xs = [take(x) for x in inp["xs"]]
@@ -398,11 +583,16 @@ class Checker:
 
 
 def case_sweep(ops: Sequence[str], Ts: Sequence[int], Hs: Sequence[int], dtypes: Sequence[torch.dtype],
-               device: str, fc_Ts: Sequence[int], fc_Hs: Sequence[int], fc_norms: Sequence[str]) -> List[Case]:
+               device: str, fc_Ts: Sequence[int], fc_Hs: Sequence[int], fc_norms: Sequence[str],
+               drafter_Ts: Optional[Sequence[int]] = None, drafter_Hs: Optional[Sequence[int]] = None) -> List[Case]:
+    """Cases in run order (dtype, op, [norm,] H, T); the drafter step uses drafter_Ts /
+    drafter_Hs (default: Ts / Hs)."""
     cases = []
     for dt in dtypes:
         for op in ops:
-            if op == FC_OP:
+            if op == DRAFTER_OP:
+                cases += [make_case(op, T, H, dt, device) for H in (drafter_Hs or Hs) for T in (drafter_Ts or Ts)]
+            elif op == FC_OP:
                 cases += [make_case(op, T, H, dt, device, nm) for nm in fc_norms for H in fc_Hs for T in fc_Ts]
             else:
                 cases += [make_case(op, T, H, dt, device) for H in Hs for T in Ts]

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .cases import FC_OP, IMPL_ORDER, OPS
+from .cases import DRAFTER_OP, FC_OP, IMPL_ORDER, OPS
 
 BASELINES = ("eager", "compile", "liger", "linear")
 
@@ -142,7 +142,11 @@ def conditions(meta: Dict[str, Any]) -> str:
 LEGEND = ("Ratios are time of the baseline / time of eagle3 (> 1: eagle3 is faster); '(g x)' is the same "
           "ratio from CUDA-graph replay times. GB/s counts every input read once, every output written "
           "once and the weights (the fc weight too); rates and % roofline use the graph time where there is "
-          "one. % roofline = max(bytes / copy ceiling, FLOPs / matmul ceiling) / time.")
+          "one. % roofline = max(bytes / copy ceiling, FLOPs / matmul ceiling) / time. "
+          f"{DRAFTER_OP}: combine + layer 0 + final norm of a Llama-3-8B-like drafter (no logits, no KV "
+          "cache; eager = the pure-PyTorch reference drafter); its bytes are every weight of those modules "
+          "(not embed_tokens / lm_head) + aux, embedding rows, ids, positions + the two outputs, its FLOPs "
+          "2 T x matrix weights + causal attention (QK^T, PV); GB/s is shown for T <= 128 as for the fc.")
 
 
 def write_markdown(meta: Dict[str, Any], path: Path) -> Path:
@@ -174,7 +178,8 @@ def write_json(meta: Dict[str, Any], path: Path) -> Path:
 def write_plots(rows: List[Dict[str, Any]], meta: Dict[str, Any], out: Path, stem: str) -> Tuple[List[Path], str]:
     """Two PNGs, time against T and % of roofline against T (log x): one column of panels
     per op, one row per (dtype, H). Colour = implementation; solid with dots = stream time,
-    dotted with crosses = CUDA-graph time; the fc's norms differ by line style."""
+    dotted with crosses = CUDA-graph time; the fc's norms differ by line style (the drafter
+    step's fixed norm is drawn solid)."""
     try:
         import matplotlib  # noqa: PLC0415
         matplotlib.use("Agg")
@@ -189,7 +194,7 @@ def write_plots(rows: List[Dict[str, Any]], meta: Dict[str, Any], out: Path, ste
     colors = {"eagle3": "C3", "eager": "C0", "compile": "C2", "liger": "C4", "linear": "C7"}
     norm_style = {None: "-", "chunk": "-", "shared": "--", "none": "-."}
     impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in rows)]
-    norms = sorted({r["norm"] for r in rows if r["norm"]})
+    norms = sorted({r["norm"] for r in rows if r["norm"] and r["op"] == FC_OP})
     paths = []
     for kind in ("time", "roofline"):
         fig, axes = plt.subplots(len(panels), len(ops), figsize=(4.4 * len(ops), 3.2 * len(panels) + 0.8),
@@ -203,10 +208,11 @@ def write_plots(rows: List[Dict[str, Any]], meta: Dict[str, Any], out: Path, ste
                 for impl in impls:
                     for norm in sorted({r["norm"] for r in sel}, key=str):
                         line = sorted((r for r in sel if r["impl"] == impl and r["norm"] == norm), key=lambda r: r["T"])
+                        line_style = norm_style[norm] if op == FC_OP else "-"
                         if kind == "time":
-                            series = [("median_us", "o", norm_style[norm], 1.5), ("graph_us", "x", ":", 1.0)]
+                            series = [("median_us", "o", line_style, 1.5), ("graph_us", "x", ":", 1.0)]
                         else:
-                            series = [("pct_of_roofline", "o", norm_style[norm], 1.5),
+                            series = [("pct_of_roofline", "o", line_style, 1.5),
                                       ("graph_pct_of_roofline", "x", ":", 1.0)]
                         for key, marker, style, lw in series:
                             pts = [(max(r["T"], 0.5), r[key]) for r in line if r.get(key)]
@@ -220,7 +226,8 @@ def write_plots(rows: List[Dict[str, Any]], meta: Dict[str, Any], out: Path, ste
                 ax.set_title(f"{op}  H={H} {dtype}", fontsize=9)
                 ax.grid(True, which="both", alpha=0.3)
                 ax.tick_params(labelsize=7)
-            ax_row[0].set_ylabel("time per call (us)" if kind == "time" else "% of roofline", fontsize=8)
+            shown = [ax for ax in ax_row if ax.axison] or [ax_row[0]]  # the first panel with data
+            shown[0].set_ylabel("time per call (us)" if kind == "time" else "% of roofline", fontsize=8)
         for ax in axes[-1]:
             ax.set_xlabel("T (tokens)", fontsize=8)
         handles = [Line2D([], [], color=colors.get(i), marker="o", ms=3, label=i) for i in impls]

@@ -1,12 +1,14 @@
 """``python -m bench``: sweep the eagle3 ops against their baselines and report rates.
 
 For every case (op, T, H, dtype) and implementation (eagle3, eager, compile, liger, and
-linear for the fc): the output is checked against the float64 reference first (relative
-error at most 2x eager's + 1e-3 for bf16/fp16, + 1e-5 for fp32); a wrong or failing
-implementation is reported and not timed. Then it is timed (CUDA events over rotated
-inputs, plus CUDA-graph replay for T <= 64; on CPU time.perf_counter), and each row gets
-GB/s, TFLOP/s, % of the copy / matmul ceilings measured in the same run, and the ratio to
-every baseline (time of X / time of this row: > 1 means this row is faster).
+linear for the fc; eagle3 / eager / compile for the drafter step, where eager is the
+package's pure-PyTorch reference drafter and compile its torch.compile): the output is
+checked against the float64 reference first (relative error at most 2x eager's + 1e-3 for
+bf16/fp16, + 1e-5 for fp32); a wrong or failing implementation is reported and not timed.
+Then it is timed (CUDA events over rotated inputs, plus CUDA-graph replay for T <= 64; on
+CPU time.perf_counter), and each row gets GB/s, TFLOP/s, % of the copy / matmul ceilings
+measured in the same run, and the ratio to every baseline (time of X / time of this row:
+> 1 means this row is faster).
 
 Examples::
 
@@ -14,6 +16,8 @@ Examples::
     python -m bench --device cpu --quick             # about a minute or two on 2 cores
     python -m bench --ops rms_norm_cat_linear --num-tokens 1,64,4096 --fc-norms all
     python -m bench --ops midlayer_cat,fused_add_rms_norm --hidden-size 4096 --no-compile
+    python -m bench --ops drafter_step                # combine + layer 0 + final norm, T = 1..512
+    python -m bench --device cpu --ops drafter_step --num-tokens 1,8 --hidden-size 2048
 
 The JSON records the commit from ``git rev-parse HEAD`` (``+dirty`` when the tree has
 changes); where the checkout has no .git (a copied tree), set EAGLE3_COMMIT.
@@ -51,9 +55,17 @@ GPU_FC_H = [4096, 7168]
 CPU_T = [1, 64, 2048]
 CPU_H = [4096]
 CPU_FC_T = [1, 64, 512]  # ATen's bf16 GEMM on a small CPU is slow: 2048 rows take ~20 s a call
+# drafter_step (combine + layer 0 + final norm of a Llama-3-8B-like drafter, C.drafter_config).
+GPU_DRAFTER_T = [1, 8, 64, 512]
+GPU_DRAFTER_H = [4096]
+CPU_DRAFTER_T = [1, 64]
+# On a CPU the step is smaller than on a GPU: at H = 4096 it has ~290M parameters (0.6 GB in
+# bf16; 2.3 GB more for the float64 truth) and ATen's bf16 GEMM on a small CPU runs at ~10
+# GFLOP/s; H = 1024 (~18M parameters) keeps each case to seconds. --hidden-size overrides it.
+CPU_DRAFTER_H = [1024]
 QUICK = {
-    "cuda": dict(T=[1, 64, 4096], H=[4096], fc_T=[1, 64, 4096], fc_H=[4096]),
-    "cpu": dict(T=[1, 512], H=[4096], fc_T=[1, 16], fc_H=[4096]),
+    "cuda": dict(T=[1, 64, 4096], H=[4096], fc_T=[1, 64, 4096], fc_H=[4096], drafter_T=[1, 8], drafter_H=[4096]),
+    "cpu": dict(T=[1, 512], H=[4096], fc_T=[1, 16], fc_H=[4096], drafter_T=[1, 8], drafter_H=[1024]),
 }
 GRAPH_MAX_T = 64          # T at or below which CUDA-graph replay is timed too
 ROTATION_CAP = 128        # most input sets rotated (small T would need thousands)
@@ -106,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_names(tuple(C.DTYPES), "dtype"), default=["bf16"],
                    help="comma list of bf16, fp16, fp32 (default bf16)")
     p.add_argument("--num-tokens", type=_ints, default=None,
-                   help="comma list of T (default: the device's sweep; applies to the fc too)")
+                   help="comma list of T (default: the device's sweep; applies to the fc and the drafter step too)")
     p.add_argument("--hidden-size", type=_ints, default=None,
-                   help="comma list of H (default: the device's sweep; the fc uses N = H)")
+                   help="comma list of H (default: the device's sweep; the fc uses N = H; the drafter step "
+                        "defaults to 4096 on cuda, 1024 on cpu)")
     p.add_argument("--fc-norms", type=_names(C.FC_NORMS, "fc norm"), default=["chunk"],
                    help="the fc's normalisations: comma list of none, chunk, shared, or 'all' (default chunk)")
     p.add_argument("--quick", action="store_true", help="a small sweep with short timing budgets")
@@ -196,12 +209,12 @@ def run_case(case: C.Case, cfg: Config) -> List[Dict[str, Any]]:
         torch._dynamo.reset()  # each case compiles afresh; no recompile limit is ever reached
     mem_cap = ROTATION_MEM if case.device == "cuda" else ROTATION_MEM_CPU
     n_rot = C.rotation_copies(case, cfg.cache_bytes, ROTATION_CAP, mem_cap)
-    inputs = [C.make_inputs(case, seed=i) for i in range(n_rot)]
+    inputs = [C.make_inputs(case, seed=i) for i in range(n_rot)]  # the drafter's models: built once, shared
     checker = C.Checker(case, inputs[0])
     iset = C.implementations(case, with_compile=cfg.with_compile, liger=cfg.liger, liger_note=cfg.liger_note)
     rows = []
     rot = {"n_rot": n_rot, "rotated_bytes": n_rot * case.input_bytes(),
-           "exceeds_2x_cache": n_rot * case.input_bytes() >= 2 * cfg.cache_bytes,
+           "exceeds_2x_cache": n_rot * case.input_bytes() + case.shared_bytes() >= 2 * cfg.cache_bytes,
            "checked_rows": case.T if case.check_rows() is None else int(case.check_rows().numel())}
     for impl in iset.impls:
         row = _base_row(case, impl)
@@ -273,7 +286,7 @@ def add_rates(rows: List[Dict[str, Any]], copy_gbps: float, matmul_by_dtype: Dic
             vals = dict.fromkeys(("gbps", "tflops", "pct_of_copy_bw", "pct_of_matmul", "pct_of_roofline"))
             if t:
                 s = t * 1e-6
-                if r["op"] != C.FC_OP or r["T"] <= C.FC_GBPS_MAX_T:
+                if r["op"] not in (C.FC_OP, C.DRAFTER_OP) or r["T"] <= C.FC_GBPS_MAX_T:
                     vals["gbps"] = r["bytes"] / s / 1e9
                     vals["pct_of_copy_bw"] = 100 * vals["gbps"] / copy_gbps
                 if r["flops"]:
@@ -342,12 +355,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
 
     sweep = QUICK[device] if args.quick else (
-        dict(T=GPU_T, H=GPU_H, fc_T=GPU_FC_T, fc_H=GPU_FC_H) if device == "cuda"
-        else dict(T=CPU_T, H=CPU_H, fc_T=CPU_FC_T, fc_H=CPU_H))
+        dict(T=GPU_T, H=GPU_H, fc_T=GPU_FC_T, fc_H=GPU_FC_H, drafter_T=GPU_DRAFTER_T, drafter_H=GPU_DRAFTER_H)
+        if device == "cuda" else
+        dict(T=CPU_T, H=CPU_H, fc_T=CPU_FC_T, fc_H=CPU_H, drafter_T=CPU_DRAFTER_T, drafter_H=CPU_DRAFTER_H))
     Ts = args.num_tokens or sweep["T"]
     fc_Ts = args.num_tokens or sweep["fc_T"]
+    drafter_Ts = args.num_tokens or sweep["drafter_T"]
     Hs = args.hidden_size or sweep["H"]
     fc_Hs = args.hidden_size or sweep["fc_H"]
+    drafter_Hs = args.hidden_size or sweep["drafter_H"]
 
     default_ms = {("cuda", False): 200, ("cuda", True): 60, ("cpu", False): 500, ("cpu", True): 150}[(device, args.quick)]
     seconds = (args.budget_ms if args.budget_ms is not None else default_ms) / 1e3
@@ -415,19 +431,23 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"({meta['matmul_dtype']} {mm_n}^3)", file=sys.stderr, flush=True)
 
     cfg = Config(device, args.quick, budget, graph_budget, not args.no_compile, cache_bytes, liger, liger_note)
-    sweep_cases = C.case_sweep(args.ops, Ts, Hs, dtypes, device, fc_Ts, fc_Hs, args.fc_norms)
+    sweep_cases = C.case_sweep(args.ops, Ts, Hs, dtypes, device, fc_Ts, fc_Hs, args.fc_norms, drafter_Ts, drafter_Hs)
     rows: List[Dict[str, Any]] = []
     bar = _progress(sweep_cases, "bench")
     with torch.inference_mode():
         for case in bar:
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(case.label)
+            if case.op != C.DRAFTER_OP:
+                C.release_drafter_models()  # kept only from one drafter case to the next
             try:
                 rows += run_case(case, cfg)
             except Exception as e:  # e.g. out of memory building the inputs
                 rows += _failed_case_rows(case, e)
+                C.release_drafter_models()
                 if device == "cuda":
                     torch.cuda.empty_cache()
+        C.release_drafter_models()
     for r in rows:  # per-case notes (e.g. liger omitted) are said once, in the header
         for n in r.pop("notes", []):
             if n not in meta["notes"]:

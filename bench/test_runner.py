@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import torch
+
+from bench import cases as C
 from bench import runner
 
 TOP_KEYS = {"card", "torch", "cuda", "commit", "command", "device", "copy_gbps", "matmul_tflops", "rows"}
@@ -24,12 +27,44 @@ def test_runner_cpu_smoke(tmp_path, capsys):
     assert TOP_KEYS <= set(data)
     assert data["device"] == "cpu" and data["copy_gbps"] > 0 and data["matmul_tflops"] > 0
     rows = data["rows"]
-    # 2 T x (3 norms x [eagle3, eager] + fc x [eagle3, eager, linear])
-    assert len(rows) == 2 * (3 * 2 + 3)
+    # 2 T x (3 norms x [eagle3, eager] + fc x [eagle3, eager, linear] + drafter_step x [eagle3, eager])
+    assert len(rows) == 2 * (3 * 2 + 3 + 2)
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["correct"] and r["error"] is None and r["median_us"] > 0, r
     ours = [r for r in rows if r["impl"] == "eagle3"]
     assert all(r["ratio_vs_eager"] > 0 for r in ours)
     assert all(r["ratio_vs_linear"] > 0 and r["tflops"] > 0 for r in ours if r["op"] == "rms_norm_cat_linear")
+    steps = [r for r in ours if r["op"] == "drafter_step"]
+    assert [r["T"] for r in steps] == [1, 5] and "| drafter_step | 1 | 260 | 3 |" in table
+    for r in steps:
+        assert r["norm"] == "shared" and r["H"] == 260 and r["K"] == 3 and r["N"] is None
+        assert r["tflops"] > 0 and r["gbps"] > 0 and r["pct_of_roofline"] > 0
+        assert r["bytes"] == C.make_case("drafter_step", r["T"], 260, torch.bfloat16, "cpu").bytes_moved()
     assert path.with_suffix(".md").exists()
+
+
+def test_drafter_step_case():
+    """The drafter step's counts match the models it builds; both models hold the same
+    weights; ours and the reference agree with the float64 truth under the numerics rule."""
+    case = C.make_case("drafter_step", 6, 384, torch.bfloat16, "cpu")
+    cfg = C.drafter_config(4096)  # the Llama-3-8B shape
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
+            cfg["intermediate_size"]) == (32, 8, 128, 14336)
+    with torch.inference_mode():
+        inp = C.make_inputs(case, seed=0)
+        models = inp["models"]
+        ours, eager = models["eagle3"], models["eager"]
+        step = [n for n, p in ours.named_parameters() if not n.startswith(("embed_tokens", "lm_head"))]
+        assert sum(ours.get_parameter(n).numel() for n in step) == C.drafter_param_counts(384)["weights"]
+        assert case.shared_bytes() == C.drafter_param_counts(384)["weights"] * 2
+        for n, t in ours.state_dict().items():
+            assert torch.equal(t, eager.state_dict()[n]), n
+        assert C.make_inputs(case, seed=1)["models"] is models  # built once per shape
+        checker = C.Checker(case, inp)
+        for impl in C.implementations(case, with_compile=False).impls:
+            out = impl.prepare(inp)()
+            assert len(out) == 2 and out[0].shape == (6, 384) and out[0].dtype == torch.bfloat16
+            chk = checker(out)
+            assert chk.ok, (impl.name, chk)
+    C.release_drafter_models()
