@@ -1,7 +1,7 @@
 """Small CUDA cases for compute-sanitizer (memcheck / racecheck), run by bench/gpu_check.sh.
 
-Odd widths (scalar paths), 16-byte paths, strided and offset views, fp32 weights,
-shared statistics, T = 0 and 1, every op. Each result is compared with the reference,
+Odd widths and offset views (scalar paths), aligned views (16-byte paths), the staged and
+two-pass norm kernels, the fc's decode kernel, fp32 weights, shared statistics, T = 0, 1, 5. Each result is compared with the reference,
 so a wrong answer fails here as well as a bad access.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/sanitize_cases.py
@@ -24,19 +24,20 @@ def _close(out, expect, what):
         raise AssertionError(f"{what}: relative error {err:.3g} > {tol}")
 
 
-def run(one: bool) -> int:
+def run_cases(one: bool, g: torch.Generator, aligned: bool) -> int:
     dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
     cases = 0
-    widths_sets = [[64, 64, 64], [769, 100, 8], [7, 1029]] if not one else [[769, 64, 100]]
+    widths_sets = [[64, 64, 64], [769, 100, 8], [7, 1029], [1024, 512]] if not one else [[769, 64, 100], [256, 512]]
     dtypes = [torch.bfloat16, torch.float16, torch.float32] if not one else [torch.bfloat16]
     for dtype in dtypes:
         for widths in widths_sets:
             for T in ([0, 1, 5] if not one else [5]):
                 total = sum(widths)
-                # chunks as views of one padded buffer at an odd element offset
-                big = torch.randn(T, total + 3, device=dev, dtype=dtype, generator=g)
-                xs = list(torch.split(big[:, 1:1 + total], widths, dim=-1))
+                # chunks as views of one buffer: at an odd element offset and row stride (the
+                # scalar paths), or aligned (the 16-byte paths wherever the widths allow)
+                pad, off = (0, 0) if aligned else (3, 1)
+                big = torch.randn(T, total + pad, device=dev, dtype=dtype, generator=g)
+                xs = list(torch.split(big[:, off:off + total], widths, dim=-1))
                 ws = [torch.randn(w, device=dev, dtype=dtype if i % 2 == 0 else torch.float32, generator=g)
                       for i, w in enumerate(widths)]
                 for shared in (False, True):
@@ -57,6 +58,24 @@ def run(one: bool) -> int:
                     if T:
                         _close(y, ref.rms_norm_cat_linear_fp64(xs, W, 1e-6, norm), f"linear {norm}")
                     cases += 1
+    return cases
+
+
+def run(one: bool) -> int:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ops = torch.ops.eagle3
+    stage, decode = ops._norm_stage_limit(-1), ops._fc_decode_max_tokens(-1)
+    cases = 0
+    try:
+        # every kernel path: staged and two-pass norms, the fc's decode kernel up to T=8
+        for stage_limit, decode_tokens in ((stage, 8), (0, decode)):
+            ops._norm_stage_limit(stage_limit)
+            ops._fc_decode_max_tokens(decode_tokens)
+            for aligned in (False, True):
+                cases += run_cases(one, g, aligned)
+    finally:
+        ops._norm_stage_limit(stage)
+        ops._fc_decode_max_tokens(decode)
     torch.cuda.synchronize()
     print(f"sanitize_cases: {cases} cases passed")
     return 0

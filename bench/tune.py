@@ -6,8 +6,9 @@ For the norm kernels: the shared-memory stage (rows staged once with cp.async) a
 no stage (rows read twice from global memory, the second read from L2), selected with
 ``torch.ops.eagle3._norm_stage_limit``. For the fc: the decode kernel against
 rms_norm_cat + cuBLAS at T = 1..8, selected with ``torch.ops.eagle3._fc_decode_max_tokens``.
-Each figure is a CUDA-event median on rotated inputs, beside the copy bandwidth measured
-in the same run. The defaults in csrc/ are chosen from these tables.
+Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
+beside the copy bandwidth measured in the same run and the variant's error against float64.
+The defaults in csrc/ are chosen from these tables.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from bench import timing
 OPS = torch.ops.eagle3
 
 
-def _time_ours(case: C.Case, budget: timing.Budget, cache_bytes: int) -> float:
+def _time_ours(case: C.Case, budget: timing.Budget, cache_bytes: int) -> tuple[float, float]:
+    """(median us, relative error against float64 of the first input set). T <= 64 is timed
+    by CUDA-graph replay (GPU time, as the defaults were chosen), larger T with events."""
     n = C.rotation_copies(case, cache_bytes, cap=64, mem_cap_bytes=8 << 30)
     impl = next(i for i in C.implementations(case, with_compile=False).impls if i.name == "eagle3")
-    calls = [impl.prepare(C.make_inputs(case, seed=i)) for i in range(n)]
-    return timing.time_cuda(calls, budget).median_us
+    inputs = [C.make_inputs(case, seed=i) for i in range(n)]
+    calls = [impl.prepare(inp) for inp in inputs]
+    err = C.rel_err(calls[0](), C.reference_fp64(case, inputs[0]))
+    stats = timing.time_cuda_graph(calls, 20, budget) if case.T <= 64 else timing.time_cuda(calls, budget)
+    return stats.median_us, err
 
 
 def main() -> None:
@@ -40,34 +46,44 @@ def main() -> None:
     budget = timing.Budget(seconds=0.3, min_reps=10, max_reps=200, min_sample_s=1e-3)
     rows = []
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
-    print("| op | T | H | variant | us | GB/s | % copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| op | T | H | variant | us | GB/s | % copy | rel err |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def measure(case, name):
+        us, err = _time_ours(case, budget, cache)
+        gbps = case.bytes_moved() / us / 1e3
+        rows.append(dict(op=case.op, T=case.T, H=case.H, variant=name, us=us, gbps=gbps,
+                         pct_copy=100 * gbps / copy, rel_err=err))
+        print(f"| {case.op} | {case.T} | {case.H} | {name} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} | {err:.2g} |")
+
+    default_stage = OPS._norm_stage_limit(-1)
+    default_decode = OPS._fc_decode_max_tokens(-1)
+    try:
+        _sweep(measure)
+    finally:
+        OPS._norm_stage_limit(default_stage)
+        OPS._fc_decode_max_tokens(default_decode)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy,
+                       "rows": rows}, f, indent=1)
+
+
+def _sweep(measure) -> None:
     default_stage = OPS._norm_stage_limit(-1)
     for op in ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm"):
         for H in (4096, 8192):
             case = C.make_case(op, 16384, H, torch.bfloat16, "cuda")
             for name, limit in (("staged", default_stage), ("two-pass", 0)):
                 OPS._norm_stage_limit(limit)
-                us = _time_ours(case, budget, cache)
-                gbps = case.bytes_moved() / us / 1e3
-                rows.append(dict(op=op, T=case.T, H=H, variant=name, us=us, gbps=gbps, pct_copy=100 * gbps / copy))
-                print(f"| {op} | {case.T} | {H} | {name} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} |")
+                measure(case, name)
     OPS._norm_stage_limit(default_stage)
-    default_decode = OPS._fc_decode_max_tokens(-1)
     for H in (4096, 7168):
         for T in (1, 2, 4, 8):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
             for name, limit in (("decode", 8), ("norm_cat+cuBLAS", 0)):
                 OPS._fc_decode_max_tokens(limit)
-                us = _time_ours(case, budget, cache)
-                gbps = case.bytes_moved() / us / 1e3
-                rows.append(dict(op=C.FC_OP, T=T, H=H, variant=name, us=us, gbps=gbps, pct_copy=100 * gbps / copy))
-                print(f"| {C.FC_OP} | {T} | {H} | {name} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} |")
-    OPS._fc_decode_max_tokens(default_decode)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy,
-                       "rows": rows}, f, indent=1)
+                measure(case, name)
 
 
 if __name__ == "__main__":

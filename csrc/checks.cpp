@@ -76,8 +76,8 @@ ChunkRows check_chunks(const char* op, const std::vector<at::Tensor>& xs) {
   }
   TORCH_CHECK_VALUE(xs.size() <= static_cast<size_t>(kMaxChunks), op, ": xs may hold at most ", kMaxChunks,
                     " tensors, got ", xs.size());
-  TORCH_CHECK_VALUE(c.total_width <= INT32_MAX, op, ": the widths of xs add up to ", c.total_width,
-                    "; expected at most 2^31 - 1");
+  TORCH_CHECK_VALUE(c.total_width <= kMaxWidth, op, ": the widths of xs add up to ", c.total_width,
+                    "; expected at most ", kMaxWidth);
   c.num_rows = 1;
   for (int64_t s : lead) c.num_rows *= s;
   c.out_shape.assign(lead.begin(), lead.end());
@@ -117,8 +117,8 @@ std::pair<at::Tensor, at::Tensor> check_fused_add(const at::Tensor& x, const at:
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", shape_str(x.sizes()),
                     ", got ", shape_str(residual.sizes()));
   TORCH_CHECK_VALUE(x.size(-1) >= 1, op, ": x has an empty last dimension; expected H >= 1");
-  TORCH_CHECK_VALUE(x.size(-1) <= INT32_MAX, op, ": x's last dimension H = ", x.size(-1),
-                    " exceeds 2^31 - 1");
+  TORCH_CHECK_VALUE(x.size(-1) <= kMaxWidth, op, ": x's last dimension H = ", x.size(-1), " exceeds ",
+                    kMaxWidth);
   if (weight.has_value()) {
     const at::Tensor& w = *weight;
     TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == x.size(-1), op, ": weight must be 1-D of length ", x.size(-1),

@@ -29,6 +29,9 @@ struct ChunkRows {
 
 // Largest K the ops accept (the CUDA kernels take their chunk table as a kernel argument).
 constexpr int kMaxChunks = 64;
+// Largest row width (a chunk's, their sum, or H) the kernels index with 32-bit counters,
+// with room for a counter to step one 512-thread x 16-byte stride past the end.
+constexpr int64_t kMaxWidth = (int64_t{1} << 31) - (int64_t{1} << 16);
 
 ChunkRows check_chunks(const char* op, const std::vector<at::Tensor>& xs);
 void check_norm_weights(const char* op, const ChunkRows& c, const std::vector<OptTensor>& weights);

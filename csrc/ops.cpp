@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 namespace eagle3 {
 namespace {
@@ -94,5 +95,61 @@ int64_t fc_decode_max_tokens(int64_t value) {
   return cuda::fc_decode_max_tokens(value);
 }
 #endif
+
+// ---- Autograd: the ops have no backward. Rather than return outputs whose gradients would
+// silently be missing, a call that autograd would have to differentiate is an error.
+namespace {
+
+void check_no_grad(const char* op, bool any_requires_grad) {
+  TORCH_CHECK(!(any_requires_grad && at::GradMode::is_enabled()), op,
+              ": has no backward, and an input requires grad with grad mode on; call it under "
+              "torch.no_grad() / torch.inference_mode(), or use eagle3_ops.reference (differentiable) to train");
+}
+
+bool any_requires_grad(const std::vector<at::Tensor>& ts) {
+  for (const auto& t : ts)
+    if (t.requires_grad()) return true;
+  return false;
+}
+
+bool any_requires_grad(const std::vector<OptTensor>& ts) {
+  for (const auto& t : ts)
+    if (t.has_value() && t->requires_grad()) return true;
+  return false;
+}
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+}  // namespace
+
+// Each kernel redispatches to the keys below autograd of the same call.
+at::Tensor rms_norm_cat_autograd(c10::DispatchKeySet ks, const std::vector<at::Tensor>& xs,
+                                 const std::vector<OptTensor>& weights, double eps, bool shared_stats) {
+  check_no_grad("rms_norm_cat", any_requires_grad(xs) || any_requires_grad(weights));
+  static const auto op = op_handle<decltype(rms_norm_cat_cpu)>("eagle3::rms_norm_cat");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.redispatch(ks & c10::after_autograd_keyset, xs, weights, eps, shared_stats);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_autograd(c10::DispatchKeySet ks, const at::Tensor& x,
+                                                               const at::Tensor& residual, const OptTensor& weight,
+                                                               double eps) {
+  check_no_grad("fused_add_rms_norm",
+                x.requires_grad() || residual.requires_grad() || (weight.has_value() && weight->requires_grad()));
+  static const auto op = op_handle<decltype(fused_add_rms_norm_cpu)>("eagle3::fused_add_rms_norm");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.redispatch(ks & c10::after_autograd_keyset, x, residual, weight, eps);
+}
+
+at::Tensor rms_norm_cat_linear_autograd(c10::DispatchKeySet ks, const std::vector<at::Tensor>& xs,
+                                        const at::Tensor& weight, double eps, const std::string& norm) {
+  check_no_grad("rms_norm_cat_linear", any_requires_grad(xs) || weight.requires_grad());
+  static const auto op = op_handle<decltype(rms_norm_cat_linear_cpu)>("eagle3::rms_norm_cat_linear");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.redispatch(ks & c10::after_autograd_keyset, xs, weight, eps, norm);
+}
 
 }  // namespace eagle3

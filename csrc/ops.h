@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DispatchKeySet.h>
 #include <c10/util/Optional.h>
 
 #include <string>
@@ -19,6 +20,15 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& x, c
                                                           const OptTensor& weight, double eps);
 at::Tensor rms_norm_cat_linear_cpu(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
                                    const std::string& norm);
+
+// Autograd: an error when autograd would have to differentiate the call, else the op below autograd.
+at::Tensor rms_norm_cat_autograd(c10::DispatchKeySet ks, const std::vector<at::Tensor>& xs,
+                                 const std::vector<OptTensor>& weights, double eps, bool shared_stats);
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_autograd(c10::DispatchKeySet ks, const at::Tensor& x,
+                                                               const at::Tensor& residual, const OptTensor& weight,
+                                                               double eps);
+at::Tensor rms_norm_cat_linear_autograd(c10::DispatchKeySet ks, const std::vector<at::Tensor>& xs,
+                                        const at::Tensor& weight, double eps, const std::string& norm);
 
 #ifdef EAGLE3_WITH_CUDA
 at::Tensor rms_norm_cat_cuda(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& weights,

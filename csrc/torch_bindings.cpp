@@ -29,6 +29,7 @@ TORCH_LIBRARY(eagle3, m) {
   // stage; rows are then read twice from global memory); sets it and returns the previous
   // value, -1 only queries. For benchmarks that compare the two strategies.
   m.def("_norm_stage_limit(int value=-1) -> int", [](int64_t value) -> int64_t {
+    TORCH_CHECK_VALUE(value >= -1, "_norm_stage_limit: value must be -1 (query) or a byte count >= 0, got ", value);
 #ifdef EAGLE3_WITH_CUDA
     return eagle3::cuda::set_norm_stage_limit(value);
 #else
@@ -43,6 +44,12 @@ TORCH_LIBRARY(eagle3, m) {
     return "cpu";
 #endif
   });
+}
+
+TORCH_LIBRARY_IMPL(eagle3, Autograd, m) {
+  m.impl("rms_norm_cat", &eagle3::rms_norm_cat_autograd);
+  m.impl("fused_add_rms_norm", &eagle3::fused_add_rms_norm_autograd);
+  m.impl("rms_norm_cat_linear", &eagle3::rms_norm_cat_linear_autograd);
 }
 
 TORCH_LIBRARY_IMPL(eagle3, CPU, m) {

@@ -5,11 +5,13 @@ the same arguments. ``eagle3_ops.reference`` holds the pure-PyTorch truth of eac
 ``eagle3_ops.config`` reads drafter configs, ``eagle3_ops.nn`` holds drop-in modules.
 """
 
+from importlib.machinery import EXTENSION_SUFFIXES as _SUFFIXES
 from pathlib import Path as _Path
 
 import torch as _torch
 
-_lib = next(_Path(__file__).parent.glob("_C*.so"), None)
+# The library this interpreter's build wrote (setup.py names it like an extension module).
+_lib = next((p for p in (_Path(__file__).parent / f"_C{s}" for s in _SUFFIXES) if p.exists()), None)
 if _lib is None:
     raise ImportError(
         "eagle3_ops: the compiled library eagle3_ops/_C.so is missing; "

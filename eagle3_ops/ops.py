@@ -107,6 +107,8 @@ def fold_norm_weights(fc_weight: Tensor, norm_weights: Union[Tensor, Sequence[Te
     if not isinstance(fc_weight, Tensor) or fc_weight.dim() != 2:
         shape = tuple(fc_weight.shape) if isinstance(fc_weight, Tensor) else type(fc_weight).__name__
         raise ValueError(f"fold_norm_weights: fc_weight must be a 2-D [N, sum H_k] tensor, got {shape}")
+    if not fc_weight.is_floating_point():
+        raise TypeError(f"fold_norm_weights: fc_weight must be a floating-point tensor, got {fc_weight.dtype}")
     width = fc_weight.shape[1]
     if norm_weights is None:
         return fc_weight.clone()
@@ -117,6 +119,8 @@ def fold_norm_weights(fc_weight: Tensor, norm_weights: Union[Tensor, Sequence[Te
     for i, w in enumerate(parts):
         if w.dim() != 1:
             raise ValueError(f"fold_norm_weights: norm_weights[{i}] must be 1-D, got shape {tuple(w.shape)}")
+        if not w.is_floating_point():
+            raise TypeError(f"fold_norm_weights: norm_weights[{i}] must be floating point, got {w.dtype}")
     widths = [w.shape[0] for w in parts]
     if sum(widths) != width:
         raise ValueError(
@@ -135,9 +139,14 @@ def _check_fake_chunks(op: str, xs: list) -> tuple[list, int]:
         raise ValueError(f"{op}: xs must hold at least one tensor, got an empty list")
     if len(xs) > _MAX_CHUNKS:
         raise ValueError(f"{op}: xs may hold at most {_MAX_CHUNKS} tensors, got {len(xs)}")
+    for k, x in enumerate(xs):
+        if x.dim() < 1:
+            raise ValueError(f"{op}: xs[{k}] must have at least one dimension, got a 0-d tensor")
+        if x.shape[-1] < 1:
+            raise ValueError(f"{op}: xs[{k}] has an empty last dimension; expected width >= 1")
     lead = list(xs[0].shape[:-1])
     for k, x in enumerate(xs):
-        if x.dim() < 1 or list(x.shape[:-1]) != lead:
+        if list(x.shape[:-1]) != lead:
             raise ValueError(f"{op}: all xs must have the same leading shape; xs[0] is {tuple(xs[0].shape)} "
                              f"but xs[{k}] is {tuple(x.shape)}")
         if x.dtype != xs[0].dtype or x.dtype not in _FLOATS:
@@ -163,6 +172,11 @@ def _rms_norm_cat_fake(xs, weights, eps, shared_stats=False):
 
 @torch.library.register_fake("eagle3::fused_add_rms_norm")
 def _fused_add_rms_norm_fake(x, residual, weight, eps):
+    if x.dim() < 1 or x.dtype not in _FLOATS:
+        raise TypeError(f"fused_add_rms_norm: x must be a float32, float16 or bfloat16 tensor [..., H], "
+                        f"got {x.dtype} of shape {tuple(x.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"fused_add_rms_norm: residual must have x's dtype ({x.dtype}), got {residual.dtype}")
     if residual.shape != x.shape:
         raise ValueError(f"fused_add_rms_norm: residual must have x's shape {tuple(x.shape)}, "
                          f"got {tuple(residual.shape)}")
@@ -175,6 +189,8 @@ def _rms_norm_cat_linear_fake(xs, weight, eps, norm):
     lead, total = _check_fake_chunks("rms_norm_cat_linear", xs)
     if weight.dim() != 2 or weight.shape[1] != total:
         raise ValueError(f"rms_norm_cat_linear: weight must be 2-D [N, {total}], got {tuple(weight.shape)}")
+    if weight.dtype != xs[0].dtype:
+        raise TypeError(f"rms_norm_cat_linear: weight must have x's dtype ({xs[0].dtype}), got {weight.dtype}")
     if norm not in _NORMS:
         raise ValueError(f"rms_norm_cat_linear: norm must be one of {_NORMS}, got {norm!r}")
     _check_fake_eps("rms_norm_cat_linear", eps)

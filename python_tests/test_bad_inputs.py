@@ -297,3 +297,22 @@ def test_good_inputs_still_work(device):
         assert eagle3_ops.rms_norm_cat_linear(xs, X(device, 8, 164), EPS, norm).shape == (4, 8)
     assert eagle3_ops.rms_norm_cat_linear([X(device, 4, 64)] * 64, X(device, 8, 64 * 64), EPS).shape == (4, 8)
     assert eagle3_ops.fold_norm_weights(X(device, 8, 164), [X(device, 64), X(device, 100)]).shape == (8, 164)
+
+
+def test_ops_refuse_to_run_where_autograd_needs_a_backward():
+    """The ops have no backward: with grad mode on and an input that requires grad they raise
+    (rather than return an output whose gradient would silently be missing); under no_grad,
+    or with no input requiring grad, they run."""
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(4, 8)
+    calls = {
+        "rms_norm_cat": lambda a: eagle3_ops.rms_norm_cat([a], [None]),
+        "fused_add_rms_norm": lambda a: eagle3_ops.fused_add_rms_norm(a, a.detach(), None),
+        "rms_norm_cat_linear": lambda a: eagle3_ops.rms_norm_cat_linear([a], w, 1e-6, "chunk"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"{name}: has no backward"):
+            call(x)
+        with torch.no_grad():
+            call(x)
+        call(x.detach())

@@ -560,3 +560,34 @@ def test_numerics_rule_rejects_bad_outputs(seed):
     with pytest.raises(AssertionError):  # bf16 accuracy is not fp32 accuracy
         assert_close_to_fp64(f32.bfloat16().float(), ref32, None)
     assert math.isclose(rel_err(ref64, ref64), 0.0)
+
+
+# ---- the CUDA norm kernels' second strategy: rows read twice from global memory ------------
+
+
+@pytest.fixture
+def two_pass_norms():
+    """Every row of the CUDA norm kernels read twice from global memory (no shared-memory
+    stage), restored afterwards."""
+    old = torch.ops.eagle3._norm_stage_limit(0)
+    yield
+    torch.ops.eagle3._norm_stage_limit(old)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
+@pytest.mark.parametrize("layout", ["split", "contig"])
+@pytest.mark.parametrize("widths", [[4096, 4096, 4096], [769, 100, 64]], ids=["3x4096", "odd"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_two_pass(device, seed, two_pass_norms, dtype, widths, layout, shared):
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, layout, 83, widths, dtype)
+    weights = make_weights(rng, "mixed", widths, dtype)
+    check_rms_norm_cat(device, xs, bases, weights, EPS, shared, lead_shape(layout, 83))
+
+
+@pytest.mark.parametrize("H", [4096, 769])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_two_pass(device, seed, two_pass_norms, dtype, H):
+    rng = Rng(seed, device)
+    x, r, bases = make_pair(rng, "contig", 83, H, dtype)
+    check_fused_add(device, x, r, bases, rng.norm_weight(H, torch.float32), EPS)

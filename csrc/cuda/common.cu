@@ -11,24 +11,24 @@ namespace eagle3::cuda {
 namespace {
 constexpr int kMaxDevices = 64;
 
-int cached_attribute(cudaDeviceAttr attr, int device, std::array<int, kMaxDevices>& cache) {
+int cached_attribute(cudaDeviceAttr attr, int device, std::array<std::atomic<int>, kMaxDevices>& cache) {
   TORCH_CHECK(device >= 0 && device < kMaxDevices, "eagle3: device index ", device, " out of range");
-  int v = cache[device];
+  int v = cache[device].load(std::memory_order_relaxed);
   if (v == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
-    cache[device] = v;  // benign race: every writer stores the same value
+    cache[device].store(v, std::memory_order_relaxed);  // every writer stores the same value
   }
   return v;
 }
 }  // namespace
 
 int max_smem_optin(int device) {
-  static std::array<int, kMaxDevices> cache{};
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
   return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, cache);
 }
 
 int sm_count(int device) {
-  static std::array<int, kMaxDevices> cache{};
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
   return cached_attribute(cudaDevAttrMultiProcessorCount, device, cache);
 }
 
@@ -43,16 +43,17 @@ int64_t set_norm_stage_limit(int64_t bytes) {
   return g_norm_stage_limit.exchange(bytes);
 }
 
-void configure_staging_kernel(const void* kernel, int64_t smem_bytes, int device) {
-  if (smem_bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
-  // The carveout is a per-kernel hint; set it once per device and kernel.
+void configure_staging_kernel(const void* kernel, int device) {
+  // Once per device and kernel, under a lock (another host thread may launch the same
+  // kernel): the largest dynamic shared memory a launch may ask for (the opt-in maximum,
+  // so no launch lowers it under another's feet) and the largest shared-memory carveout.
   static std::mutex mu;
   static std::set<std::pair<int, const void*>> done;
   const std::lock_guard<std::mutex> lock(mu);
-  if (done.insert({device, kernel}).second)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        cudaSharedmemCarveoutMaxShared));
+  if (!done.insert({device, kernel}).second) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin(device)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
 }
 
 }  // namespace eagle3::cuda

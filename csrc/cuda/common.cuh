@@ -131,10 +131,10 @@ int sm_count(int device);        // multiprocessors, cached per device
 // Largest shared-memory stage (bytes per block) the norm kernels use; a row that needs more
 // is read twice from global memory instead (the second read hits L2). 0: never stage.
 int64_t norm_stage_limit();
-// Before a launch of a staging kernel: raise its dynamic shared-memory limit when it needs
-// more than 48 KB, and ask for the largest shared-memory carveout, so the number of rows in
-// flight per SM is bounded by the stage size rather than by the L1 / shared split.
-void configure_staging_kernel(const void* kernel, int64_t smem_bytes, int device);
+// Before a launch of a staging kernel: raise its dynamic shared-memory limit to the opt-in
+// maximum and ask for the largest shared-memory carveout (once per device and kernel), so
+// the rows in flight per SM are bounded by the stage size, not by the L1 / shared split.
+void configure_staging_kernel(const void* kernel, int device);
 
 inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 

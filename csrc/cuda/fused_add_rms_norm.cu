@@ -1,9 +1,10 @@
 // fused_add_rms_norm on CUDA: (normed, residual_sum) in one launch.
 //
-// One block per row (grid-stride). x and residual rows are staged in shared memory with
-// 16-byte cp.async copies; sweep 1 forms s = x + residual in fp32, writes it rounded and
-// sums its squares; after one barrier, sweep 2 forms s again from the staged rows and
-// writes the normalised row. Each thread touches only the elements it staged itself.
+// One block per row (the grid is T blocks; the row loop only matters past 2^31 - 1 rows).
+// x and residual rows are staged in shared memory with 16-byte cp.async copies; sweep 1
+// forms s = x + residual in fp32, writes it rounded and sums its squares; after the barrier
+// around the per-warp sums, sweep 2 forms s again from the staged rows and writes the
+// normalised row. Each thread touches only the elements it staged itself.
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -105,7 +106,8 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     constexpr int V = Vec<scalar_t>::N;
     const void* wp = w.defined() ? w.data_ptr() : nullptr;
     const int w_kind = !w.defined() ? kNoWeight : (w.scalar_type() == x2.scalar_type() ? kWeightSameType : kWeightFp32);
-    const bool vec = aligned16(x2.data_ptr()) && aligned16(r2.data_ptr()) && x2.stride(0) % V == 0 &&
+    const bool vec = aligned16(x2.data_ptr()) && aligned16(r2.data_ptr()) && aligned16(normed.data_ptr()) &&
+                     aligned16(sum.data_ptr()) && x2.stride(0) % V == 0 &&
                      r2.stride(0) % V == 0 && width % V == 0 && (wp == nullptr || aligned16(wp));
     const int threads = threads_for(vec ? width / V : width);
     const int64_t width_pad = (width + V - 1) / V * V;
@@ -113,7 +115,7 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     const bool staged = staged_bytes <= std::min<int64_t>(norm_stage_limit(), max_smem_optin(device));
     const int64_t smem = staged ? staged_bytes : 32 * sizeof(float);
     auto* kernel = staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
-    if (staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), smem, device);
+    if (staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
     const int64_t grid = std::min<int64_t>(rows, INT32_MAX);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
         static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),

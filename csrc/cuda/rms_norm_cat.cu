@@ -1,12 +1,13 @@
 // rms_norm_cat on CUDA: K chunks (each its own base pointer and row stride), one launch,
 // written straight into the concatenated output.
 //
-// One block per row (grid-stride over rows). The block stages every chunk of its row in
-// shared memory with 16-byte cp.async copies (all in flight at once), takes one sum of
-// squares per chunk, reduces them with a single barrier, and writes the scaled row from
-// shared memory. Each thread reads back only the elements it staged itself, so the only
-// barrier per row is the one around the per-warp partial sums. Rows too wide to stage are
-// read twice from global memory instead (the second read hits L2).
+// One block per row (the grid is T blocks; the row loop only matters past 2^31 - 1 rows).
+// The block stages every chunk of its row in shared memory with 16-byte cp.async copies
+// (all in flight at once), takes one sum of squares per chunk, and writes the scaled row
+// from shared memory. Each thread reads back only the elements it staged itself, so the
+// only barriers are the one around the per-warp partial sums and the one before the next
+// row reuses the stage. Rows wider than the stage limit (or all rows, with
+// _norm_stage_limit(0)) are read twice from global memory instead (the second read hits L2).
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -129,7 +130,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       d.out_off = static_cast<int32_t>(c.offsets[k]);
       d.smem_off = static_cast<int32_t>(stage_elems);
       d.w_kind = !w ? kNoWeight : (w->scalar_type() == x.scalar_type() ? kWeightSameType : kWeightFp32);
-      d.vec = aligned16(d.x) && d.x_stride % V == 0 && d.width % V == 0 && d.out_off % V == 0 &&
+      d.vec = aligned16(d.x) && aligned16(out.data_ptr()) && d.x_stride % V == 0 && d.width % V == 0 && d.out_off % V == 0 &&
               c.total_width % V == 0 && (d.w == nullptr || aligned16(d.w));
       stage_elems += (c.widths[k] + V - 1) / V * V;
       max_vecs = std::max<int64_t>(max_vecs, d.vec ? d.width / V : d.width);
@@ -141,7 +142,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     const int64_t smem = staged ? staged_bytes : sums_bytes;
     const int64_t grid = std::min<int64_t>(c.num_rows, INT32_MAX);
     auto* kernel = staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
-    if (staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), smem, device);
+    if (staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(tab, num_chunks,
                                                                    static_cast<scalar_t*>(out.data_ptr()), c.num_rows,
                                                                    static_cast<int>(c.total_width), eps,

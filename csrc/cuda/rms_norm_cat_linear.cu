@@ -41,6 +41,7 @@ fc_decode_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
                  const int num_tokens, const float eps, const int mode) {
   constexpr int V = Vec<T>::N;
   constexpr int R = kDecodeRows;
+  static_assert(R * TT <= 32, "each (row, token) result is written by its own lane");
   const int lane = threadIdx.x % 32;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kDecodeWarps + threadIdx.x / 32) * R;
   if (n0 >= n_out) return;
