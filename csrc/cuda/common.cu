@@ -36,7 +36,12 @@ namespace {
 std::atomic<int64_t> g_norm_stage_limit{100 * 1024};
 }  // namespace
 
-int64_t norm_stage_limit() { return g_norm_stage_limit.load(std::memory_order_relaxed); }
+StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device) {
+  const int64_t staged = scratch_bytes + stage_bytes;
+  if (staged <= std::min<int64_t>(g_norm_stage_limit.load(std::memory_order_relaxed), max_smem_optin(device)))
+    return {true, staged};
+  return {false, scratch_bytes};
+}
 
 int64_t set_norm_stage_limit(int64_t bytes) {
   if (bytes < 0) return g_norm_stage_limit.load();

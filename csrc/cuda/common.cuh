@@ -128,9 +128,20 @@ __device__ __forceinline__ float weight_at(const void* w, int w_kind, int64_t i)
 int max_smem_optin(int device);  // cudaDevAttrMaxSharedMemoryPerBlockOptin, cached per device
 int sm_count(int device);        // multiprocessors, cached per device
 
-// Largest shared-memory stage (bytes per block) the norm kernels use; a row that needs more
-// is read twice from global memory instead (the second read hits L2). 0: never stage.
-int64_t norm_stage_limit();
+// Whether a norm kernel stages its row in shared memory: a row needing `stage_bytes` (on top
+// of `scratch_bytes` of reduction scratch) is staged when the total fits the stage limit
+// (set_norm_stage_limit) and the device; otherwise it is read twice from global memory (the
+// second read hits L2). `smem` is the dynamic shared memory the launch needs either way.
+struct StagePlan {
+  bool staged;
+  int64_t smem;
+};
+StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device);
+
+// The WeightKind of an optional norm weight for inputs of dtype x.
+inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
+  return !w || !w->defined() ? kNoWeight : (w->scalar_type() == x ? kWeightSameType : kWeightFp32);
+}
 // Before a launch of a staging kernel: raise its dynamic shared-memory limit to the opt-in
 // maximum and ask for the largest shared-memory carveout (once per device and kernel), so
 // the rows in flight per SM are bounded by the stage size, not by the L1 / shared split.

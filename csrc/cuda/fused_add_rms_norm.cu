@@ -105,19 +105,17 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
   EAGLE3_DISPATCH_FLOAT_TYPES(x2.scalar_type(), "fused_add_rms_norm", [&] {
     constexpr int V = Vec<scalar_t>::N;
     const void* wp = w.defined() ? w.data_ptr() : nullptr;
-    const int w_kind = !w.defined() ? kNoWeight : (w.scalar_type() == x2.scalar_type() ? kWeightSameType : kWeightFp32);
+    const int w_kind = weight_kind(&w, x2.scalar_type());
     const bool vec = aligned16(x2.data_ptr()) && aligned16(r2.data_ptr()) && aligned16(normed.data_ptr()) &&
                      aligned16(sum.data_ptr()) && x2.stride(0) % V == 0 &&
                      r2.stride(0) % V == 0 && width % V == 0 && (wp == nullptr || aligned16(wp));
     const int threads = threads_for(vec ? width / V : width);
     const int64_t width_pad = (width + V - 1) / V * V;
-    const int64_t staged_bytes = 32 * sizeof(float) + 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t));
-    const bool staged = staged_bytes <= std::min<int64_t>(norm_stage_limit(), max_smem_optin(device));
-    const int64_t smem = staged ? staged_bytes : 32 * sizeof(float);
-    auto* kernel = staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
-    if (staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
+    const StagePlan plan = plan_stage(32 * sizeof(float), 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t)), device);
+    auto* kernel = plan.staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
+    if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
     const int64_t grid = std::min<int64_t>(rows, INT32_MAX);
-    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
+    kernel<<<static_cast<unsigned>(grid), threads, plan.smem, stream>>>(
         static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
         r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
         rows, static_cast<int>(width), eps, vec);

@@ -129,7 +129,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       d.width = static_cast<int32_t>(c.widths[k]);
       d.out_off = static_cast<int32_t>(c.offsets[k]);
       d.smem_off = static_cast<int32_t>(stage_elems);
-      d.w_kind = !w ? kNoWeight : (w->scalar_type() == x.scalar_type() ? kWeightSameType : kWeightFp32);
+      d.w_kind = weight_kind(w, x.scalar_type());
       d.vec = aligned16(d.x) && aligned16(out.data_ptr()) && d.x_stride % V == 0 && d.width % V == 0 && d.out_off % V == 0 &&
               c.total_width % V == 0 && (d.w == nullptr || aligned16(d.w));
       stage_elems += (c.widths[k] + V - 1) / V * V;
@@ -137,13 +137,11 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     }
     const int threads = threads_for(max_vecs);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
-    const int64_t staged_bytes = sums_bytes + stage_elems * static_cast<int64_t>(sizeof(scalar_t));
-    const bool staged = staged_bytes <= std::min<int64_t>(norm_stage_limit(), max_smem_optin(device));
-    const int64_t smem = staged ? staged_bytes : sums_bytes;
+    const StagePlan plan = plan_stage(sums_bytes, stage_elems * static_cast<int64_t>(sizeof(scalar_t)), device);
     const int64_t grid = std::min<int64_t>(c.num_rows, INT32_MAX);
-    auto* kernel = staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
-    if (staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
-    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(tab, num_chunks,
+    auto* kernel = plan.staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
+    if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
+    kernel<<<static_cast<unsigned>(grid), threads, plan.smem, stream>>>(tab, num_chunks,
                                                                    static_cast<scalar_t*>(out.data_ptr()), c.num_rows,
                                                                    static_cast<int>(c.total_width), eps,
                                                                    static_cast<int>(mode));
