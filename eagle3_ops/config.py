@@ -62,6 +62,14 @@ Resolution rules (DESIGN.md section 1, one helper below per rule):
   ``vocab_size``, ``num_key_value_heads`` to ``num_attention_heads``,
   ``head_dim`` to ``hidden_size // num_attention_heads``.
 
+Multi-head latent attention (DeepSeek-V2/V3-family drafters, e.g. Kimi-K2's): a decoder
+config naming ``kv_lora_rank`` resolves ``mla`` (:class:`MLAConfig`) from
+``q_lora_rank`` (null: a plain q_proj), ``kv_lora_rank``, ``qk_nope_head_dim``,
+``qk_rope_head_dim``, ``v_head_dim`` (all required) and ``rope_interleave`` (default
+true); ``head_dim`` then defaults to ``qk_rope_head_dim``. MoE fields are ignored (the
+drafter's MLP is dense, ``intermediate_size``). MLA sizes without ``kv_lora_rank`` are an
+error.
+
 Required everywhere: ``hidden_size``, ``num_attention_heads``,
 ``intermediate_size``, ``vocab_size``. Every invalid value raises
 ``ValueError`` naming the field and what was expected; an unsupported ``cfg``
@@ -85,6 +93,7 @@ __all__ = [
     "DRAFTER_FLAG_KEYS",
     "LAYOUTS",
     "DrafterConfig",
+    "MLAConfig",
     "default_aux_layer_ids",
     "resolve",
     "validate_fc_width",
@@ -140,6 +149,49 @@ _BOOL_FIELDS = (
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3 family) of the drafter's decoder layers.
+
+    ``q_lora_rank`` None means a plain ``q_proj``; otherwise queries go through
+    ``q_a_proj`` (to the rank) -> ``q_a_layernorm`` -> ``q_b_proj``. Keys and values come
+    from one latent of width ``kv_lora_rank`` (``kv_a_proj_with_mqa`` also yields the
+    ``qk_rope_head_dim`` shared rotary key), normalised by ``kv_a_layernorm`` and expanded
+    by ``kv_b_proj`` to ``qk_nope_head_dim + v_head_dim`` per head. ``rope_interleave``:
+    the rotary pairs are adjacent dims (DeepSeek's layout, the default) rather than the two
+    halves.
+    """
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or self.q_lora_rank <= 0):
+            raise ValueError(
+                f"q_lora_rank must be a positive integer or null (a plain q_proj), got {self.q_lora_rank!r}"
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
+        if not isinstance(self.rope_interleave, bool):
+            raise ValueError(f"rope_interleave must be true or false, got {self.rope_interleave!r}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query / key width per head: ``qk_nope_head_dim + qk_rope_head_dim``."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DrafterConfig:
     """Everything a drafter module or loader needs, resolved and validated.
 
@@ -176,6 +228,8 @@ class DrafterConfig:
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None
+    #: multi-head latent attention (DeepSeek-family drafters); None for Llama attention
+    mla: MLAConfig | None = None
     # provenance
     target_num_layers: int | None = None
     layout: str = "eagle3"
@@ -204,6 +258,8 @@ class DrafterConfig:
             out["aux_layer_ids"] = list(out["aux_layer_ids"])
         if out["rope_scaling"] is not None:
             out["rope_scaling"] = dict(out["rope_scaling"])
+        if out["mla"] is not None:
+            out["mla"] = self.mla.to_dict()
         return out
 
 
@@ -298,6 +354,11 @@ def _check_rope(c: DrafterConfig) -> None:
         raise ValueError(f"rope_scaling must be a dict or None, got {c.rope_scaling!r}")
 
 
+def _check_mla(c: DrafterConfig) -> None:
+    if c.mla is not None and not isinstance(c.mla, MLAConfig):
+        raise ValueError(f"mla must be an MLAConfig or None, got {c.mla!r}")
+
+
 def _check_strings(c: DrafterConfig) -> None:
     if not isinstance(c.hidden_act, str) or not c.hidden_act:
         raise ValueError(f"hidden_act must be a non-empty string, got {c.hidden_act!r}")
@@ -317,6 +378,7 @@ _CHECKS = (
     _check_aux_count,
     _check_fc_norms,
     _check_rope,
+    _check_mla,
     _check_strings,
 )
 
@@ -624,11 +686,48 @@ def _check_uses_aux_states(src: _Sources) -> None:
         )
 
 
-def _head_dim(src: _Sources, hidden_size: int, num_heads: int) -> int:
-    """Explicit head_dim, else hidden_size // num_attention_heads (must divide)."""
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _mla(src: _Sources) -> MLAConfig | None:
+    """Multi-head latent attention when the decoder config names ``kv_lora_rank``.
+
+    Every MLA size must be given (``q_lora_rank`` may be null: a plain q_proj); a config
+    naming some MLA sizes but no ``kv_lora_rank`` is an error rather than a Llama drafter.
+    """
+    present = [k for k in _MLA_KEYS if k in src.layer or k in src.top]
+    if src.decoder("kv_lora_rank") is None:
+        named = [k for k in present if src.decoder(k) is not None]
+        if named:
+            raise ValueError(
+                f"config names multi-head latent attention sizes {named} but no kv_lora_rank; "
+                "give kv_lora_rank (an MLA drafter) or remove them (a Llama drafter)"
+            )
+        return None
+    missing = [k for k in _MLA_KEYS if k not in present or (k != "q_lora_rank" and src.decoder(k) is None)]
+    if missing:
+        raise ValueError(
+            f"multi-head latent attention config (kv_lora_rank={src.decoder('kv_lora_rank')}) lacks {missing}; "
+            "expected integers (q_lora_rank may be null for a plain q_proj)"
+        )
+    return MLAConfig(
+        q_lora_rank=_opt_int("q_lora_rank", src.decoder("q_lora_rank")),
+        kv_lora_rank=_as_int("kv_lora_rank", src.decoder("kv_lora_rank")),
+        qk_nope_head_dim=_as_int("qk_nope_head_dim", src.decoder("qk_nope_head_dim")),
+        qk_rope_head_dim=_as_int("qk_rope_head_dim", src.decoder("qk_rope_head_dim")),
+        v_head_dim=_as_int("v_head_dim", src.decoder("v_head_dim")),
+        rope_interleave=_as_bool("rope_interleave", src.decoder("rope_interleave"), default=True),
+    )
+
+
+def _head_dim(src: _Sources, hidden_size: int, num_heads: int, mla: MLAConfig | None = None) -> int:
+    """Explicit head_dim, else the rotary width for MLA, else hidden_size //
+    num_attention_heads (must divide)."""
     explicit = _opt_int("head_dim", src.decoder("head_dim"))
     if explicit is not None:
         return explicit
+    if mla is not None:
+        return mla.qk_rope_head_dim
     if num_heads > 0 and hidden_size % num_heads != 0:
         raise ValueError(
             f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_heads}; "
@@ -715,6 +814,7 @@ def _resolve_raw(raw: dict[str, Any], target_num_layers: int | None) -> DrafterC
     vocab_size = _as_int("vocab_size", _required("vocab_size", src.decoder("vocab_size")))
     ids = _aux_layer_ids(src, L)
     rope_theta, rope_scaling = _rope(src)
+    mla = _mla(src)
 
     return DrafterConfig(
         hidden_size=hidden_size,
@@ -738,7 +838,7 @@ def _resolve_raw(raw: dict[str, Any], target_num_layers: int | None) -> DrafterC
         num_key_value_heads=_as_int(
             "num_key_value_heads", _first_not_none(src.decoder("num_key_value_heads"), num_heads)
         ),
-        head_dim=_head_dim(src, hidden_size, num_heads),
+        head_dim=_head_dim(src, hidden_size, num_heads, mla),
         intermediate_size=_as_int(
             "intermediate_size", _required("intermediate_size", src.decoder("intermediate_size"))
         ),
@@ -755,6 +855,7 @@ def _resolve_raw(raw: dict[str, Any], target_num_layers: int | None) -> DrafterC
         rope_scaling=rope_scaling,
         tie_word_embeddings=_as_bool("tie_word_embeddings", src.decoder("tie_word_embeddings")),
         torch_dtype=_torch_dtype(src),
+        mla=mla,
         target_num_layers=L,
         layout=src.layout,
     )

@@ -90,6 +90,7 @@ EXPECTED_EAGLE3_LLAMA31_8B = {
     "rope_scaling": LLAMA31_ROPE,
     "tie_word_embeddings": False,
     "torch_dtype": "float16",
+    "mla": None,
     "target_num_layers": None,
     "layout": "eagle3",
 }
@@ -207,6 +208,7 @@ EXPECTED_POSTNORM = {
     "rope_scaling": None,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
+    "mla": None,
     "target_num_layers": 64,
     "layout": "speculators",
 }
@@ -257,6 +259,7 @@ EXPECTED_EAGLE_CONFIG = {
     "rope_scaling": None,
     "tie_word_embeddings": False,
     "torch_dtype": None,
+    "mla": None,
     "target_num_layers": None,
     "layout": "eagle_config",
 }
