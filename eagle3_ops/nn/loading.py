@@ -1,4 +1,4 @@
-"""Reading EAGLE-3 drafter checkpoints into :class:`Eagle3LlamaDrafter`.
+"""Reading EAGLE-3 drafter checkpoints into :class:`Eagle3LlamaDrafter` and :class:`Eagle3DeepseekDrafter`.
 
 Three naming layouts are read (DESIGN.md section 1), each from safetensors or torch files:
 
@@ -8,9 +8,16 @@ layout         layer 0 / other names                       notes
 eagle3         ``midlayer.*``, ``fc``, ``norm``, ...        original EAGLE-3, flat Llama config
 speculators    ``layers.0.*`` (``layers.N.*``)              ``transformer_layer_config``; these
                                                             are the module's own names
-serving        ``model.layers.0.*``, ``model.fc``, ...      fused ``self_attn.qkv_proj`` and
-               ``lm_head``, ``draft_id_to_target_id``       ``mlp.gate_up_proj``
+serving        ``model.layers.0.*``, ``model.fc``, ...      fused ``self_attn.qkv_proj`` (MLA:
+               ``lm_head``, ``draft_id_to_target_id``       ``self_attn.fused_qkv_a_proj_with_mqa``
+                                                            or ``fused_qkv_a_proj``) and
+                                                            ``mlp.gate_up_proj``
 =============  ==========================================  ===================================
+
+The same names serve :class:`Eagle3LlamaDrafter` and :class:`Eagle3DeepseekDrafter` (whose
+layer-0 attention holds ``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` or ``q_proj``,
+``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``); ``model.midlayer.*``
+is read as ``midlayer.*``.
 
 Every name is mapped to the module's name (``canonical_name``), fused projections are
 split by the config's head counts, then the whole set is checked at once: one
@@ -48,14 +55,11 @@ __all__ = [
     "config_to_dict",
     "state_dict_in_layout",
     "set_target_weights",
+    "fused_projections",
 ]
 
 LAYOUTS = ("speculators", "eagle3", "serving")
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
-_FUSED = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _TRAINING_FILES = re.compile(r"^(training_args\.bin|optimizer.*|scheduler.*|rng_state.*|trainer_state.*)$")
 
@@ -110,17 +114,31 @@ def canonical_name(name: str) -> str:
     return n
 
 
+def fused_projections(model) -> dict:
+    """The fused projections a serving checkpoint may hold for ``model``: fused name (a
+    suffix under ``layers.N.``) -> (part names, rows of each part), in the order the parts
+    are stacked along dim 0. Several fused names may stand for the same parts (the first
+    one is written by :func:`state_dict_in_layout`)."""
+    c = model.config
+    fused = {}
+    if c.mla is None:
+        fused["self_attn.qkv_proj"] = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                       [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2)
+    elif c.mla.q_lora_rank is not None:  # without a q LoRA, q_proj and kv_a_proj_with_mqa stay apart
+        parts = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+                 [c.mla.q_lora_rank, c.mla.kv_lora_rank + c.mla.qk_rope_head_dim])
+        fused["self_attn.fused_qkv_a_proj_with_mqa"] = parts
+        fused["self_attn.fused_qkv_a_proj"] = parts
+    fused["mlp.gate_up_proj"] = (("mlp.gate_proj", "mlp.up_proj"), [c.intermediate_size] * 2)
+    return fused
+
+
 def _fused_parts(model, name: str):
     """For a fused name (``layers.N.self_attn.qkv_proj.weight``...): the part names and the
     size of each along dim 0; else None."""
-    for fused, parts in _FUSED.items():
+    for fused, (parts, sizes) in fused_projections(model).items():
         m = re.match(rf"(layers\.\d+\.){re.escape(fused)}\.(weight|bias)$", name)
         if m:
-            c = model.config
-            if fused == "self_attn.qkv_proj":
-                sizes = [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
-            else:
-                sizes = [c.intermediate_size] * 2
             return [f"{m.group(1)}{p}.{m.group(2)}" for p in parts], sizes
     return None
 
@@ -345,7 +363,7 @@ def load_weights(model, weights: Iterable[tuple], strict: bool = True) -> LoadRe
 
 def state_dict_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                         error_msgs) -> None:
-    """``load_state_dict`` hook of Eagle3LlamaDrafter: renames original / serving keys to the
+    """``load_state_dict`` hook of the drafters: renames original / serving keys to the
     module's and splits fused projections, so ``load_state_dict(strict=True)`` takes any layout."""
     keys = [k for k in state_dict if k.startswith(prefix)]
     for k in keys:
@@ -472,6 +490,8 @@ def config_to_dict(cfg: DrafterConfig, layout: str = "speculators") -> dict:
         llama["rope_scaling"] = dict(cfg.rope_scaling)
     if cfg.torch_dtype is not None:
         llama["torch_dtype"] = cfg.torch_dtype
+    if cfg.mla is not None:
+        llama.update(cfg.mla.to_dict(), model_type="deepseek_v3")
     flags = {
         "draft_vocab_size": cfg.draft_vocab_size, "target_hidden_size": cfg.target_hidden_size,
         "num_aux_hidden_states": cfg.num_aux_hidden_states, "norm_before_fc": cfg.norm_before_fc,
@@ -486,7 +506,8 @@ def config_to_dict(cfg: DrafterConfig, layout: str = "speculators") -> dict:
         if cfg.target_num_layers is not None:
             out["speculators_config"]["verifier"]["num_hidden_layers"] = cfg.target_num_layers
         return out
-    return {"architectures": ["LlamaForCausalLMEagle3"], **llama, **flags}
+    arch = "LlamaForCausalLMEagle3" if cfg.mla is None else "Eagle3DeepseekV2ForCausalLM"
+    return {"architectures": [arch], **llama, **flags}
 
 
 def state_dict_in_layout(model, layout: str = "speculators") -> dict:
@@ -507,8 +528,11 @@ def state_dict_in_layout(model, layout: str = "speculators") -> dict:
     if layout == "eagle3":
         return {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v for k, v in sd.items()}
     out = {}
+    written = {}
+    for fused, (parts, _) in fused_projections(model).items():
+        written.setdefault(parts, fused)
     for k in list(sd):
-        for fused, parts in _FUSED.items():
+        for parts, fused in written.items():
             m = re.match(rf"(layers\.\d+\.){re.escape(parts[0])}\.(weight|bias)$", k)
             if m:
                 names = [f"{m.group(1)}{p}.{m.group(2)}" for p in parts]

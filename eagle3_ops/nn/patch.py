@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .combine import Eagle3Combine, FoldedRMSNorm, FusedNormLinear
-from .llama import Eagle3LlamaDrafter
+from .drafter import Eagle3Drafter
 from .norm import RMSNorm
 
 __all__ = ["PatchReport", "patch_drafter", "unpatch_drafter", "is_rms_norm_like"]
@@ -109,7 +109,7 @@ def _patch_combine(model, parent, pname, report, verify) -> set:
     input_norm = parent._modules.get("input_norm")
     fc_norm = parent._modules.get("fc_norm")
     where = f"{pname}.fc" if pname else "fc"
-    if isinstance(parent, (Eagle3LlamaDrafter, Eagle3Combine)):
+    if isinstance(parent, (Eagle3Drafter, Eagle3Combine)):
         return set()  # computes the combine with rms_norm_cat_linear already
     if not isinstance(fc, nn.Linear) or (input_norm is None and fc_norm is None):
         return set()

@@ -29,6 +29,8 @@ __all__ = [
     "rope_inv_freq",
     "rope_cos_sin",
     "apply_rope",
+    "apply_rope_pairs",
+    "yarn_factors",
     "causal_attention",
     "ReferenceRMSNorm",
     "ReferenceCombine",
@@ -36,6 +38,8 @@ __all__ = [
     "ReferenceMLP",
     "ReferenceDecoderLayer",
     "ReferenceLlamaDrafter",
+    "ReferenceMLAttention",
+    "ReferenceDeepseekDrafter",
 ]
 
 
@@ -93,18 +97,66 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict], dtype=to
                 smooth = (old / wavelen - low) / (high - low)
                 out.append((1 - smooth) * f / factor + smooth * f)
         inv = out
+    elif kind in ("yarn", "deepseek_yarn"):
+        factor = float(scaling["factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+        def dim_turning(turns: float) -> float:  # the dim whose wavelength fits `turns` times in `old`
+            return head_dim * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = dim_turning(fast), dim_turning(slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        hi = hi + 0.001 if hi == lo else hi
+        out = []
+        for i, f in enumerate(inv):
+            t = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # 0: high frequency, kept; 1: interpolated
+            out.append(f * (1 - t) + f / factor * t)
+        inv = out
     else:
-        raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3)")
+        raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
     return torch.tensor(inv, dtype=dtype)
 
 
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin ``[..., head_dim]`` for integer positions ``[...]``, computed in fp32 (fp64)
-    and rounded to ``dtype``."""
+def yarn_factors(scaling: Optional[dict]) -> tuple[float, float]:
+    """(cos/sin multiplier, softmax-scale multiplier) of DeepSeek's YaRN: ``m(f, mscale) /
+    m(f, mscale_all_dim)`` (or ``attention_factor``) and ``m(f, mscale_all_dim) ** 2``, with
+    ``m(f, s) = 0.1 s ln f + 1`` for f > 1, else 1. (1, 1) without YaRN."""
+    if not scaling:
+        return 1.0, 1.0
+
+    def m(f: float, s: float) -> float:
+        return 0.1 * s * math.log(f) + 1.0 if f > 1 else 1.0
+
+    f = float(scaling.get("factor", 1.0))
+    all_dim = float(scaling.get("mscale_all_dim") or 0.0)
+    softmax = m(f, all_dim) ** 2
+    if scaling.get("rope_type", scaling.get("type")) not in ("yarn", "deepseek_yarn"):
+        return 1.0, softmax
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"]), softmax
+    return m(f, float(scaling.get("mscale") or 1.0)) / m(f, all_dim), softmax
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype, mult: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos, sin ``[..., head_dim]`` for integer positions ``[...]``, computed in fp32 (fp64),
+    times ``mult`` (YaRN's cos/sin factor), rounded to ``dtype``."""
     cd = compute_dtype(dtype)
     ang = positions.to(cd)[..., None] * inv_freq.to(device=positions.device, dtype=cd)
     ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    return (ang.cos() * mult).to(dtype), (ang.sin() * mult).to(dtype)
+
+
+def apply_rope_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE of ``x [B, heads, S, D]`` whose pairs are adjacent dims ``(2i, 2i+1)``
+    (DeepSeek), with the rotate-half tables ``cos, sin [B, S, D]`` (their first halves);
+    the result is returned with the pairs split into halves (first elements, then second)."""
+    half = x.shape[-1] // 2
+    c, s_ = cos[:, None, :, :half], sin[:, None, :, :half]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.cat([a * c - b * s_, b * c + a * s_], dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -115,14 +167,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rot * sin
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Softmax attention, ``q [B, Hq, S, D]``, ``k, v [B, Hkv, S, D]``: grouped heads,
-    causal mask, scores and softmax in fp32 (fp64), weights rounded to q's dtype."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """Softmax attention, ``q [B, Hq, S, D]``, ``k [B, Hkv, S, D]``, ``v [B, Hkv, S, Dv]``:
+    grouped heads, causal mask, scores (times ``scale``, default ``D ** -0.5``) and softmax
+    in fp32 (fp64), weights rounded to q's dtype."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     cd = compute_dtype(q.dtype)
-    scores = (q @ k.transpose(-1, -2)).to(cd) / math.sqrt(q.shape[-1])
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).to(cd) * scale
     S = q.shape[-2]
     mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -193,6 +247,53 @@ class ReferenceAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
 
+class ReferenceMLAttention(nn.Module):
+    """DeepSeek multi-head latent attention, written out in full: queries (through the q
+    LoRA when ``q_lora_rank`` is set), a latent ``kv_a_layernorm(kv_a_proj(x)[:rank])``
+    expanded by ``kv_b_proj`` into per-head keys and values, a shared rotary key; RoPE on the
+    rotary dims only (adjacent pairs unless ``rope_interleave`` is false); YaRN's softmax
+    factor. ``forward(x, positions)`` (it builds its own tables)."""
+
+    def __init__(self, c: DrafterConfig, in_features: int):
+        super().__init__()
+        m = self.mla = c.mla
+        self.c, self.heads = c, c.num_attention_heads
+        b = c.attention_bias
+        if m.q_lora_rank is None:
+            self.q_proj = nn.Linear(in_features, self.heads * m.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(in_features, m.q_lora_rank, bias=b)
+            self.q_a_layernorm = ReferenceRMSNorm(m.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, self.heads * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(in_features, m.kv_lora_rank + m.qk_rope_head_dim, bias=b)
+        self.kv_a_layernorm = ReferenceRMSNorm(m.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, self.heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * m.v_head_dim, c.hidden_size, bias=b)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        m, c, nh = self.mla, self.c, self.heads
+        B, S, _ = x.shape
+        dtype = x.dtype
+        inv = rope_inv_freq(m.qk_rope_head_dim, c.rope_theta, c.rope_scaling, dtype=compute_dtype(dtype))
+        cos_mult, softmax_mult = yarn_factors(c.rope_scaling)
+        cos, sin = rope_cos_sin(positions, inv, dtype, cos_mult)
+        rope = apply_rope_pairs if m.rope_interleave else apply_rope
+        if m.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, nh, m.qk_head_dim).transpose(1, 2)
+        kv_a = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv_a[..., :m.kv_lora_rank])
+        k_pe = kv_a[..., m.kv_lora_rank:].view(B, 1, S, m.qk_rope_head_dim)
+        kv = self.kv_b_proj(latent).view(B, S, nh, m.qk_nope_head_dim + m.v_head_dim).transpose(1, 2)
+        k_nope, v = kv[..., :m.qk_nope_head_dim], kv[..., m.qk_nope_head_dim:]
+        q = torch.cat([q[..., :m.qk_nope_head_dim], rope(q[..., m.qk_nope_head_dim:], cos, sin)], dim=-1)
+        k = torch.cat([k_nope, rope(k_pe, cos, sin).expand(B, nh, S, m.qk_rope_head_dim)], dim=-1)
+        o = causal_attention(q, k, v, scale=m.qk_head_dim ** -0.5 * softmax_mult)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, nh * m.v_head_dim))
+
+
 class ReferenceMLP(nn.Module):
     def __init__(self, c: DrafterConfig):
         super().__init__()
@@ -215,27 +316,33 @@ class ReferenceDecoderLayer(nn.Module):
         super().__init__()
         self.first, self.nbr = first, c.norm_before_residual
         H, eps = c.hidden_size, c.rms_norm_eps
-        self.self_attn = ReferenceAttention(c, 2 * H if first else H)
+        attention = ReferenceAttention if c.mla is None else ReferenceMLAttention
+        self.self_attn = attention(c, 2 * H if first else H)
         self.mlp = ReferenceMLP(c)
         self.input_layernorm = ReferenceRMSNorm(H, eps)
         self.post_attention_layernorm = ReferenceRMSNorm(H, eps)
         if first:
             self.hidden_norm = ReferenceRMSNorm(H, eps)
 
-    def forward(self, cos, sin, h, residual=None, embeds=None):
+    def forward(self, cos, sin, h, residual=None, embeds=None, positions=None):
         if self.first:
             hn = self.hidden_norm(h)
             x = torch.cat([self.input_layernorm(embeds), hn], dim=-1)
             residual = hn if self.nbr else h
         else:
             x, residual = self.input_layernorm(h, residual)
-        a = self.self_attn(x, cos, sin)
+        if isinstance(self.self_attn, ReferenceMLAttention):
+            a = self.self_attn(x, positions)
+        else:
+            a = self.self_attn(x, cos, sin)
         x, residual = self.post_attention_layernorm(a, residual)
         return self.mlp(x), residual
 
 
 class ReferenceLlamaDrafter(nn.Module):
-    """The complete Llama EAGLE-3 drafter of DESIGN.md section 1 (no KV cache: full sequence)."""
+    """The complete EAGLE-3 drafter of DESIGN.md section 1 (no KV cache: full sequence):
+    Llama attention, or DeepSeek multi-head latent attention when the config describes it
+    (``ReferenceDeepseekDrafter`` is the same class)."""
 
     def __init__(self, config):
         super().__init__()
@@ -272,12 +379,14 @@ class ReferenceLlamaDrafter(nn.Module):
             input_ids, positions, hidden_states = input_ids[None], positions[None], hidden_states[None]
         c = self.config
         dtype = hidden_states.dtype
-        inv = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, dtype=compute_dtype(dtype))
-        cos, sin = rope_cos_sin(positions, inv, dtype)
+        cos = sin = None
+        if c.mla is None:
+            inv = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, dtype=compute_dtype(dtype))
+            cos, sin = rope_cos_sin(positions, inv, dtype, yarn_factors(c.rope_scaling)[0])
         e = self.embed_tokens(input_ids)
         h, residual = hidden_states, None
         for i, layer in enumerate(self.layers):
-            h, residual = layer(cos, sin, h, residual, embeds=e if i == 0 else None)
+            h, residual = layer(cos, sin, h, residual, embeds=e if i == 0 else None, positions=positions)
         out, pre = self.norm(h, residual)
         fed_back = out if c.norm_output else pre
         if flat:
@@ -291,3 +400,6 @@ class ReferenceLlamaDrafter(nn.Module):
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
         full[..., torch.arange(self.config.draft_vocab_size, device=h.device) + self.d2t] = logits
         return full
+
+
+ReferenceDeepseekDrafter = ReferenceLlamaDrafter
