@@ -24,6 +24,10 @@ Ops (the names the command line takes):
                         :func:`drafter_config`). eagle3 = ``eagle3_ops.nn.Eagle3LlamaDrafter``;
                         eager / compile = ``reference_modules.ReferenceLlamaDrafter`` with the
                         same state dict; the truth is that reference in float64.
+``mla_drafter_step``    the same step for the DeepSeek (MLA) drafter: a Kimi-K2-like layer 0
+                        of width H (:func:`mla_drafter_config`), fc_norm (``norm`` = chunk)
+                        and norm_output, eagle3 = ``Eagle3DeepseekDrafter``, eager / compile
+                        = ``reference_modules.ReferenceDeepseekDrafter``.
 """
 
 from __future__ import annotations
@@ -38,11 +42,15 @@ import torch.nn.functional as F
 import eagle3_ops
 from eagle3_ops import reference as R
 
-OPS = ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm", "rms_norm_cat_linear", "drafter_step")
+OPS = ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm", "rms_norm_cat_linear", "drafter_step",
+       "mla_drafter_step")
 FC_OP = "rms_norm_cat_linear"
 DRAFTER_OP = "drafter_step"
-#: The drafter's combine normalisation: norm_before_fc (one RMSNorm over the K*H row).
-DRAFTER_NORM = "shared"
+MLA_DRAFTER_OP = "mla_drafter_step"
+#: The drafter steps and their combine normalisation: norm_before_fc (one RMSNorm over the
+#: K*H row, "shared") for the Llama drafter, fc_norm (one per chunk, "chunk") for the MLA one.
+DRAFTER_OPS = {DRAFTER_OP: "shared", MLA_DRAFTER_OP: "chunk"}
+DRAFTER_NORM = DRAFTER_OPS[DRAFTER_OP]
 #: The step excludes embed_tokens' full table and lm_head (no logits): a small vocab keeps
 #: memory small without changing what is timed (T embedding rows are gathered either way).
 DRAFTER_VOCAB = 1024
@@ -90,7 +98,7 @@ class Case:
     @property
     def label(self) -> str:
         extra = f" N={self.N} norm={self.norm}" if self.op == FC_OP else ""
-        if self.op == DRAFTER_OP:
+        if self.op in DRAFTER_OPS:
             extra = f" norm={self.norm}"
         return f"{self.op} T={self.T} H={self.H} K={self.K}{extra} {self.dtype_name} {self.device}"
 
@@ -103,9 +111,9 @@ class Case:
         (aux ``[T, K*H]``, the T gathered embedding rows ``[T, H]``, int64 ids and positions)
         and the two ``[T, H]`` outputs; intermediate activations are not counted."""
         T, H, K, e = self.T, self.H, self.K, self.elem
-        if self.op == DRAFTER_OP:
+        if self.op in DRAFTER_OPS:
             # weights + aux + embedding rows + int64 ids and positions + two outputs
-            return drafter_param_counts(H)["weights"] * e + T * K * H * e + T * H * e + 2 * 8 * T + 2 * T * H * e
+            return drafter_param_counts(H, self.op)["weights"] * e + T * K * H * e + T * H * e + 2 * 8 * T + 2 * T * H * e
         if self.op in ("rms_norm_cat", "midlayer_cat"):
             return 2 * T * K * H * e + K * H * e
         if self.op == "fused_add_rms_norm":
@@ -113,24 +121,25 @@ class Case:
         return T * K * H * e + self.N * K * H * e + T * self.N * e
 
     def flops(self) -> int:
-        """Matrix FLOPs of the fc (2 T N K H); 0 for the norms. drafter_step: 2 T x the
-        matrix weights (fc, q/k/v/o, gate/up/down) + causal attention, QK^T and PV over the
-        T(T+1)/2 query-key pairs: 2 x 2 x heads x head_dim x T(T+1)/2. Norms, RoPE, SiLU
-        and softmax are left out."""
-        if self.op == DRAFTER_OP:
-            p = drafter_param_counts(self.H)
+        """Matrix FLOPs of the fc (2 T N K H); 0 for the norms. drafter steps: 2 T x the
+        matrix weights (fc, attention projections, gate/up/down) + causal attention, QK^T and
+        PV over the T(T+1)/2 query-key pairs: 2 x 2 x attn_width x T(T+1)/2 (attn_width:
+        heads x the mean of the query-key and value widths). Norms, RoPE, SiLU and softmax
+        are left out."""
+        if self.op in DRAFTER_OPS:
+            p = drafter_param_counts(self.H, self.op)
             return 2 * self.T * p["matmul"] + 2 * p["attn_width"] * self.T * (self.T + 1)
         return 2 * self.T * self.N * self.K * self.H if self.op == FC_OP else 0
 
     def shared_bytes(self) -> int:
         """Bytes every rotated input set reads in common (not rotated, not in input_bytes):
         the drafter's weights; 0 for the other ops, whose weights travel with each set."""
-        return drafter_param_counts(self.H)["weights"] * self.elem if self.op == DRAFTER_OP else 0
+        return drafter_param_counts(self.H, self.op)["weights"] * self.elem if self.op in DRAFTER_OPS else 0
 
     def input_bytes(self) -> int:
         """Bytes of one input set (what input rotation copies)."""
         T, H, K, e = self.T, self.H, self.K, self.elem
-        if self.op == DRAFTER_OP:  # aux, ids, positions (the models are shared: shared_bytes)
+        if self.op in DRAFTER_OPS:  # aux, ids, positions (the models are shared: shared_bytes)
             return T * K * H * e + 2 * 8 * T
         if self.op == "fused_add_rms_norm":
             return 2 * T * H * e + H * e
@@ -150,11 +159,11 @@ class Case:
 def make_case(op: str, T: int, H: int, dtype: torch.dtype, device: str, norm: Optional[str] = None) -> Case:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    if op == DRAFTER_OP:
-        if norm not in (None, DRAFTER_NORM):
-            raise ValueError(f"drafter_step measures norm={DRAFTER_NORM!r} (norm_before_fc) only, got {norm!r}")
-        drafter_config(H)  # validates H
-        return Case(op, T, H, dtype, device, K=3, norm=DRAFTER_NORM)
+    if op in DRAFTER_OPS:
+        if norm not in (None, DRAFTER_OPS[op]):
+            raise ValueError(f"{op} measures norm={DRAFTER_OPS[op]!r} only, got {norm!r}")
+        drafter_config(H, op)  # validates H
+        return Case(op, T, H, dtype, device, K=3, norm=DRAFTER_OPS[op])
     if op == "midlayer_cat":
         return Case(op, T, H, dtype, device, K=2)
     if op == "fused_add_rms_norm":
@@ -169,12 +178,14 @@ def make_case(op: str, T: int, H: int, dtype: torch.dtype, device: str, norm: Op
 # ---- the drafter step: shape, models -------------------------------------------------------
 
 
-def drafter_config(H: int) -> Dict[str, Any]:
+def drafter_config(H: int, op: str = DRAFTER_OP) -> Dict[str, Any]:
     """A Llama-3(.1)-8B-like EAGLE-3 drafter of width H (eagle3 config layout): head_dim 128
     (H // heads when H < 128, rounded down to even for RoPE), heads = H / 128, kv heads =
     heads / 4 (the largest divisor of heads not above it), intermediate = 3.5 H rounded to
     a multiple of 256 (14336 at H = 4096), one layer, K=3 aux states of width H,
     norm_before_fc, rope theta 5e5 with llama3 scaling, vocab :data:`DRAFTER_VOCAB`."""
+    if op == MLA_DRAFTER_OP:
+        return mla_drafter_config(H)
     if H < 2:
         raise ValueError(f"drafter_step needs H >= 2 (RoPE needs an even head_dim), got H={H}")
     heads = max(1, H // 128)
@@ -191,10 +202,47 @@ def drafter_config(H: int) -> Dict[str, Any]:
     }
 
 
-def drafter_param_counts(H: int) -> Dict[str, int]:
+def mla_drafter_config(H: int) -> Dict[str, Any]:
+    """A Kimi-K2-like MLA EAGLE-3 drafter of width H (eagle_config layout): at H = 7168
+    64 heads, q_lora_rank 1536, kv_lora_rank 512, qk_nope 128 + qk_rope 64, v 128,
+    intermediate 18432; other widths scale heads (H / 112), the ranks (3H/14 and H/14,
+    multiples of 32) and the intermediate size (18432/7168 H, a multiple of 256) with H and
+    keep the head dims. One layer, K=3 aux states of width H, fc_norm and norm_output,
+    rope theta 5e4 with DeepSeek YaRN (factor 64 over 4096 positions, mscale =
+    mscale_all_dim = 1), vocab :data:`DRAFTER_VOCAB`."""
+    if H < 2:
+        raise ValueError(f"mla_drafter_step needs H >= 2, got H={H}")
+    return {
+        "architectures": ["Eagle3DeepseekV2ForCausalLM"], "model_type": "kimi_k2",
+        "hidden_size": H, "num_attention_heads": max(1, H // 112), "num_key_value_heads": max(1, H // 112),
+        "q_lora_rank": max(32, 3 * H // 14 // 32 * 32), "kv_lora_rank": max(32, H // 14 // 32 * 32),
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "intermediate_size": max(256, round(18432 / 7168 * H / 256) * 256), "num_hidden_layers": 1,
+        "vocab_size": DRAFTER_VOCAB, "draft_vocab_size": DRAFTER_VOCAB, "rms_norm_eps": EPS,
+        "fc_norm": True, "norm_output": True, "rope_theta": 50000.0, "max_position_embeddings": 262144,
+        "rope_scaling": {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096,
+                         "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 29, 57]},
+    }
+
+
+def drafter_param_counts(H: int, op: str = DRAFTER_OP) -> Dict[str, int]:
     """Element counts of the step's parameters: ``weights`` = every parameter of combine
-    (fc, input_norm) + layer 0 + final norm (embed_tokens and lm_head excluded); ``matmul``
-    = those of the matrices (fc, q/k/v/o, gate/up/down); ``attn_width`` = heads x head_dim."""
+    (fc, input_norm / fc_norm) + layer 0 + final norm (embed_tokens and lm_head excluded);
+    ``matmul`` = those of the matrices (fc, attention projections, gate/up/down);
+    ``attn_width`` = heads x head_dim (MLA: heads x the mean of qk_nope + qk_rope and v)."""
+    if op == MLA_DRAFTER_OP:
+        c = mla_drafter_config(H)
+        K, heads, inter = 3, c["num_attention_heads"], c["intermediate_size"]
+        ql, kvl, dn, dr, dv = (c[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                              "qk_rope_head_dim", "v_head_dim"))
+        fc = K * H * H
+        attn = (2 * H * ql + ql * heads * (dn + dr) + 2 * H * (kvl + dr) + kvl * heads * (dn + dv)
+                + heads * dv * H)  # q_a / kv_a read the 2H-wide input
+        mlp = 3 * H * inter
+        norms = K * H + 3 * H + ql + kvl + H  # fc_norm; layer norms; q_a / kv_a_layernorm; norm
+        return {"weights": fc + attn + mlp + norms, "matmul": fc + attn + mlp,
+                "attn_width": heads * (dn + dr + dv) // 2}
     c = drafter_config(H)
     K, heads, kv, hd = 3, c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     inter = c["intermediate_size"]
@@ -220,24 +268,28 @@ def _randomize_drafter_(model: torch.nn.Module, device: str, seed: int) -> None:
         del v
 
 
-def build_drafters(H: int, dtype: torch.dtype, device: str, seed: int = 0) -> Dict[str, torch.nn.Module]:
+def build_drafters(H: int, dtype: torch.dtype, device: str, seed: int = 0,
+                   op: str = DRAFTER_OP) -> Dict[str, torch.nn.Module]:
     """``{"eagle3": Eagle3LlamaDrafter, "eager": ReferenceLlamaDrafter, "ref64": the reference
-    in float64}``, all with the same weights (eagle3's state dict loaded strictly into the
-    others), parameters without grad."""
-    from eagle3_ops.nn import Eagle3LlamaDrafter  # noqa: PLC0415
-    from eagle3_ops.nn.reference_modules import ReferenceLlamaDrafter  # noqa: PLC0415
+    in float64}`` (for mla_drafter_step: Eagle3DeepseekDrafter and ReferenceDeepseekDrafter),
+    all with the same weights (eagle3's state dict loaded strictly into the others),
+    parameters without grad."""
+    from eagle3_ops.nn import Eagle3DeepseekDrafter, Eagle3LlamaDrafter  # noqa: PLC0415
+    from eagle3_ops.nn.reference_modules import ReferenceDeepseekDrafter, ReferenceLlamaDrafter  # noqa: PLC0415
 
-    cfg = drafter_config(H)
+    cfg = drafter_config(H, op)
+    Ours, Ref = ((Eagle3DeepseekDrafter, ReferenceDeepseekDrafter) if op == MLA_DRAFTER_OP
+                 else (Eagle3LlamaDrafter, ReferenceLlamaDrafter))
     # Ordinary tensors even when the runner is in inference mode (version counters: the
     # folded fc weight's cache sees the load), no autograd history.
     with torch.inference_mode(False), torch.no_grad():
-        ours = Eagle3LlamaDrafter(cfg, device=device, dtype=dtype)
+        ours = Ours(cfg, device=device, dtype=dtype)
         _randomize_drafter_(ours, device, seed)
         sd = ours.state_dict()
         out = {"eagle3": ours}
         for name, dt in (("eager", dtype), ("ref64", torch.float64)):
             with torch.device("meta"):  # no throw-away init of the reference's weights
-                ref = ReferenceLlamaDrafter(cfg)
+                ref = Ref(cfg)
             ref = ref.to(dtype=dt).to_empty(device=device)
             ref.load_state_dict(sd, strict=True)
             out[name] = ref
@@ -253,10 +305,10 @@ _DRAFTERS: Dict[tuple, Dict[str, torch.nn.Module]] = {}
 def drafter_models(case: Case) -> Dict[str, torch.nn.Module]:
     """The models of ``case``, built once per (H, dtype, device) and kept for the next
     case of the same shape (one entry: a new shape frees the old models first)."""
-    key = (case.H, case.dtype, case.device)
+    key = (case.op, case.H, case.dtype, case.device)
     if key not in _DRAFTERS:
         release_drafter_models()
-        _DRAFTERS[key] = build_drafters(case.H, case.dtype, case.device)
+        _DRAFTERS[key] = build_drafters(case.H, case.dtype, case.device, op=case.op)
     return _DRAFTERS[key]
 
 
@@ -289,7 +341,7 @@ def make_inputs(case: Case, seed: int = 0) -> Dict[str, Any]:
     def norm_weights(k):
         return [randn(H, scale=0.1, shift=1.0) for _ in range(k)]
 
-    if case.op == DRAFTER_OP:
+    if case.op in DRAFTER_OPS:
         ids = torch.randint(0, DRAFTER_VOCAB, (T,), generator=g, device=dev)
         return {"aux": randn(T, K * H), "ids": ids, "positions": torch.arange(seed, seed + T, device=dev),
                 "models": drafter_models(case)}
@@ -308,7 +360,7 @@ def rotation_copies(case: Case, cache_bytes: int, cap: int, mem_cap_bytes: int) 
     """How many input sets to rotate so they, with the bytes every set shares (the drafter's
     weights), exceed 2x the cache, within ``cap`` copies and ``mem_cap_bytes``; at least 1."""
     per = max(case.input_bytes(), 1)
-    if case.op == DRAFTER_OP:
+    if case.op in DRAFTER_OPS:
         # The inputs are a sliver of the bytes (aux: 0.2% at H = 4096, T = 64): the weights
         # stream through the cache on every call whatever the number of sets, so a few sets
         # suffice (each warm-up pass calls every set once, and a step costs milliseconds on
@@ -369,7 +421,7 @@ class ImplSet:
 
 
 def _eager_args(case: Case, inp: Dict[str, Any]) -> tuple:
-    if case.op == DRAFTER_OP:
+    if case.op in DRAFTER_OPS:
         return (inp["models"]["eager"], inp["aux"], inp["ids"], inp["positions"])
     if case.op == "fused_add_rms_norm":
         return (inp["x"], inp["residual"], inp["w"])
@@ -379,16 +431,17 @@ def _eager_args(case: Case, inp: Dict[str, Any]) -> tuple:
 
 
 def _eager_fn(case: Case) -> Callable:
-    return {"fused_add_rms_norm": eager_fused_add, FC_OP: eager_fc,
-            DRAFTER_OP: drafter_step}.get(case.op, eager_norm_cat)
+    return {"fused_add_rms_norm": eager_fused_add, FC_OP: eager_fc, DRAFTER_OP: drafter_step,
+            MLA_DRAFTER_OP: drafter_step}.get(case.op, eager_norm_cat)
 
 
 def _ours(case: Case) -> Impl:
-    if case.op == DRAFTER_OP:
+    if case.op in DRAFTER_OPS:
         def prep(inp):
             m, aux, ids, pos = inp["models"]["eagle3"], inp["aux"], inp["ids"], inp["positions"]
             return lambda: drafter_step(m, aux, ids, pos)
-        return Impl("eagle3", prep, note="eagle3_ops.nn.Eagle3LlamaDrafter")
+        ours = "Eagle3DeepseekDrafter" if case.op == MLA_DRAFTER_OP else "Eagle3LlamaDrafter"
+        return Impl("eagle3", prep, note="eagle3_ops.nn." + ours)
     if case.op == "fused_add_rms_norm":
         def prep(inp):
             x, r, w = inp["x"], inp["residual"], inp["w"]
@@ -444,7 +497,7 @@ def load_liger():
 def _liger(case: Case, lf) -> Optional[Impl]:
     """Liger's Triton RMSNorm applied per chunk (+ cat; + F.linear for the fc); none for
     the drafter step."""
-    if case.op == DRAFTER_OP:
+    if case.op in DRAFTER_OPS:
         return None
     if case.op == "fused_add_rms_norm":
         if hasattr(lf, "liger_fused_add_rms_norm"):
@@ -479,7 +532,8 @@ def _liger(case: Case, lf) -> Optional[Impl]:
 def implementations(case: Case, *, with_compile: bool = True, liger=None, liger_note: str = "") -> ImplSet:
     """Ours first, then the baselines: eager, compile, liger (CUDA, when importable), and
     for the fc the F.linear floor."""
-    eager_note = "reference_modules.ReferenceLlamaDrafter" if case.op == DRAFTER_OP else ""
+    eager_note = {DRAFTER_OP: "reference_modules.ReferenceLlamaDrafter",
+                  MLA_DRAFTER_OP: "reference_modules.ReferenceDeepseekDrafter"}.get(case.op, "")
     out = ImplSet([_ours(case), Impl("eager", _bind(_eager_fn(case), case), note=eager_note)])
     if with_compile:
         out.impls.append(_compiled(case))
@@ -512,7 +566,7 @@ def reference_fp64(case: Case, inp: Dict[str, Any], rows: Optional[torch.Tensor]
     def take(t):
         return t if rows is None else t[rows.to(t.device)]
 
-    if case.op == DRAFTER_OP:  # the reference drafter in float64, on the exact (upcast) weights
+    if case.op in DRAFTER_OPS:  # the reference drafter in float64, on the exact (upcast) weights
         return drafter_step(inp["models"]["ref64"], inp["aux"].double(), inp["ids"], inp["positions"])
     if case.op == "fused_add_rms_norm":
         return R.fused_add_rms_norm_fp64(take(inp["x"]), take(inp["residual"]), inp["w"], EPS)
@@ -584,14 +638,16 @@ class Checker:
 
 def case_sweep(ops: Sequence[str], Ts: Sequence[int], Hs: Sequence[int], dtypes: Sequence[torch.dtype],
                device: str, fc_Ts: Sequence[int], fc_Hs: Sequence[int], fc_norms: Sequence[str],
-               drafter_Ts: Optional[Sequence[int]] = None, drafter_Hs: Optional[Sequence[int]] = None) -> List[Case]:
-    """Cases in run order (dtype, op, [norm,] H, T); the drafter step uses drafter_Ts /
-    drafter_Hs (default: Ts / Hs)."""
+               drafter_Ts: Optional[Sequence[int]] = None, drafter_Hs: Optional[Sequence[int]] = None,
+               mla_drafter_Hs: Optional[Sequence[int]] = None) -> List[Case]:
+    """Cases in run order (dtype, op, [norm,] H, T); the drafter steps use drafter_Ts and
+    drafter_Hs (the MLA step mla_drafter_Hs) (default: Ts / Hs)."""
     cases = []
     for dt in dtypes:
         for op in ops:
-            if op == DRAFTER_OP:
-                cases += [make_case(op, T, H, dt, device) for H in (drafter_Hs or Hs) for T in (drafter_Ts or Ts)]
+            if op in DRAFTER_OPS:
+                op_Hs = (mla_drafter_Hs if op == MLA_DRAFTER_OP else None) or drafter_Hs or Hs
+                cases += [make_case(op, T, H, dt, device) for H in op_Hs for T in (drafter_Ts or Ts)]
             elif op == FC_OP:
                 cases += [make_case(op, T, H, dt, device, nm) for nm in fc_norms for H in fc_Hs for T in fc_Ts]
             else:

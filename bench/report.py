@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .cases import DRAFTER_OP, FC_OP, IMPL_ORDER, OPS
+from .cases import DRAFTER_OP, FC_OP, IMPL_ORDER, MLA_DRAFTER_OP, OPS
 
 BASELINES = ("eager", "compile", "liger", "linear")
 
@@ -146,7 +146,9 @@ LEGEND = ("Ratios are time of the baseline / time of eagle3 (> 1: eagle3 is fast
           f"{DRAFTER_OP}: combine + layer 0 + final norm of a Llama-3-8B-like drafter (no logits, no KV "
           "cache; eager = the pure-PyTorch reference drafter); its bytes are every weight of those modules "
           "(not embed_tokens / lm_head) + aux, embedding rows, ids, positions + the two outputs, its FLOPs "
-          "2 T x matrix weights + causal attention (QK^T, PV); GB/s is shown for T <= 128 as for the fc.")
+          "2 T x matrix weights + causal attention (QK^T, PV); GB/s is shown for T <= 128 as for the fc. "
+          f"{MLA_DRAFTER_OP}: the same step of a Kimi-K2-like DeepSeek (MLA) drafter with fc_norm and "
+          "norm_output (eager = the pure-PyTorch reference MLA drafter).")
 
 
 def write_markdown(meta: Dict[str, Any], path: Path) -> Path:

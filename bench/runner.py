@@ -17,6 +17,7 @@ Examples::
     python -m bench --ops rms_norm_cat_linear --num-tokens 1,64,4096 --fc-norms all
     python -m bench --ops midlayer_cat,fused_add_rms_norm --hidden-size 4096 --no-compile
     python -m bench --ops drafter_step                # combine + layer 0 + final norm, T = 1..512
+    python -m bench --ops mla_drafter_step            # the same step of the DeepSeek (MLA) drafter
     python -m bench --device cpu --ops drafter_step --num-tokens 1,8 --hidden-size 2048
 
 The JSON records the commit from ``git rev-parse HEAD`` (``+dirty`` when the tree has
@@ -58,14 +59,20 @@ CPU_FC_T = [1, 64, 512]  # ATen's bf16 GEMM on a small CPU is slow: 2048 rows ta
 # drafter_step (combine + layer 0 + final norm of a Llama-3-8B-like drafter, C.drafter_config).
 GPU_DRAFTER_T = [1, 8, 64, 512]
 GPU_DRAFTER_H = [4096]
+# mla_drafter_step (the same step of a Kimi-K2-like MLA drafter, C.mla_drafter_config), at
+# the DeepSeek-family width on a GPU; T as the drafter step.
+GPU_MLA_DRAFTER_H = [7168]
 CPU_DRAFTER_T = [1, 64]
 # On a CPU the step is smaller than on a GPU: at H = 4096 it has ~290M parameters (0.6 GB in
 # bf16; 2.3 GB more for the float64 truth) and ATen's bf16 GEMM on a small CPU runs at ~10
 # GFLOP/s; H = 1024 (~18M parameters) keeps each case to seconds. --hidden-size overrides it.
 CPU_DRAFTER_H = [1024]
+CPU_MLA_DRAFTER_H = [1024]
 QUICK = {
-    "cuda": dict(T=[1, 64, 4096], H=[4096], fc_T=[1, 64, 4096], fc_H=[4096], drafter_T=[1, 8], drafter_H=[4096]),
-    "cpu": dict(T=[1, 512], H=[4096], fc_T=[1, 16], fc_H=[4096], drafter_T=[1, 8], drafter_H=[1024]),
+    "cuda": dict(T=[1, 64, 4096], H=[4096], fc_T=[1, 64, 4096], fc_H=[4096], drafter_T=[1, 8], drafter_H=[4096],
+                 mla_drafter_H=[7168]),
+    "cpu": dict(T=[1, 512], H=[4096], fc_T=[1, 16], fc_H=[4096], drafter_T=[1, 8], drafter_H=[1024],
+                mla_drafter_H=[1024]),
 }
 GRAPH_MAX_T = 64          # T at or below which CUDA-graph replay is timed too
 ROTATION_CAP = 128        # most input sets rotated (small T would need thousands)
@@ -286,7 +293,7 @@ def add_rates(rows: List[Dict[str, Any]], copy_gbps: float, matmul_by_dtype: Dic
             vals = dict.fromkeys(("gbps", "tflops", "pct_of_copy_bw", "pct_of_matmul", "pct_of_roofline"))
             if t:
                 s = t * 1e-6
-                if r["op"] not in (C.FC_OP, C.DRAFTER_OP) or r["T"] <= C.FC_GBPS_MAX_T:
+                if (r["op"] != C.FC_OP and r["op"] not in C.DRAFTER_OPS) or r["T"] <= C.FC_GBPS_MAX_T:
                     vals["gbps"] = r["bytes"] / s / 1e9
                     vals["pct_of_copy_bw"] = 100 * vals["gbps"] / copy_gbps
                 if r["flops"]:
@@ -355,15 +362,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
 
     sweep = QUICK[device] if args.quick else (
-        dict(T=GPU_T, H=GPU_H, fc_T=GPU_FC_T, fc_H=GPU_FC_H, drafter_T=GPU_DRAFTER_T, drafter_H=GPU_DRAFTER_H)
+        dict(T=GPU_T, H=GPU_H, fc_T=GPU_FC_T, fc_H=GPU_FC_H, drafter_T=GPU_DRAFTER_T, drafter_H=GPU_DRAFTER_H,
+             mla_drafter_H=GPU_MLA_DRAFTER_H)
         if device == "cuda" else
-        dict(T=CPU_T, H=CPU_H, fc_T=CPU_FC_T, fc_H=CPU_H, drafter_T=CPU_DRAFTER_T, drafter_H=CPU_DRAFTER_H))
+        dict(T=CPU_T, H=CPU_H, fc_T=CPU_FC_T, fc_H=CPU_H, drafter_T=CPU_DRAFTER_T, drafter_H=CPU_DRAFTER_H,
+             mla_drafter_H=CPU_MLA_DRAFTER_H))
     Ts = args.num_tokens or sweep["T"]
     fc_Ts = args.num_tokens or sweep["fc_T"]
     drafter_Ts = args.num_tokens or sweep["drafter_T"]
     Hs = args.hidden_size or sweep["H"]
     fc_Hs = args.hidden_size or sweep["fc_H"]
     drafter_Hs = args.hidden_size or sweep["drafter_H"]
+    mla_drafter_Hs = args.hidden_size or sweep["mla_drafter_H"]
 
     default_ms = {("cuda", False): 200, ("cuda", True): 60, ("cpu", False): 500, ("cpu", True): 150}[(device, args.quick)]
     seconds = (args.budget_ms if args.budget_ms is not None else default_ms) / 1e3
@@ -431,14 +441,15 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"({meta['matmul_dtype']} {mm_n}^3)", file=sys.stderr, flush=True)
 
     cfg = Config(device, args.quick, budget, graph_budget, not args.no_compile, cache_bytes, liger, liger_note)
-    sweep_cases = C.case_sweep(args.ops, Ts, Hs, dtypes, device, fc_Ts, fc_Hs, args.fc_norms, drafter_Ts, drafter_Hs)
+    sweep_cases = C.case_sweep(args.ops, Ts, Hs, dtypes, device, fc_Ts, fc_Hs, args.fc_norms, drafter_Ts, drafter_Hs,
+                                 mla_drafter_Hs)
     rows: List[Dict[str, Any]] = []
     bar = _progress(sweep_cases, "bench")
     with torch.inference_mode():
         for case in bar:
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(case.label)
-            if case.op != C.DRAFTER_OP:
+            if case.op not in C.DRAFTER_OPS:
                 C.release_drafter_models()  # kept only from one drafter case to the next
             try:
                 rows += run_case(case, cfg)

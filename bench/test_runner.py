@@ -27,8 +27,8 @@ def test_runner_cpu_smoke(tmp_path, capsys):
     assert TOP_KEYS <= set(data)
     assert data["device"] == "cpu" and data["copy_gbps"] > 0 and data["matmul_tflops"] > 0
     rows = data["rows"]
-    # 2 T x (3 norms x [eagle3, eager] + fc x [eagle3, eager, linear] + drafter_step x [eagle3, eager])
-    assert len(rows) == 2 * (3 * 2 + 3 + 2)
+    # 2 T x (3 norms x [eagle3, eager] + fc x [eagle3, eager, linear] + 2 drafter steps x [eagle3, eager])
+    assert len(rows) == 2 * (3 * 2 + 3 + 2 * 2)
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["correct"] and r["error"] is None and r["median_us"] > 0, r
@@ -65,6 +65,35 @@ def test_drafter_step_case():
         for impl in C.implementations(case, with_compile=False).impls:
             out = impl.prepare(inp)()
             assert len(out) == 2 and out[0].shape == (6, 384) and out[0].dtype == torch.bfloat16
+            chk = checker(out)
+            assert chk.ok, (impl.name, chk)
+    C.release_drafter_models()
+
+
+def test_mla_drafter_step_case():
+    """The MLA drafter step: the Kimi-K2 shape at H = 7168, counts matching the models it
+    builds, ours and the reference (same weights) within the numerics rule of the truth."""
+    cfg = C.mla_drafter_config(7168)
+    assert (cfg["num_attention_heads"], cfg["q_lora_rank"], cfg["kv_lora_rank"], cfg["intermediate_size"]) == (
+        64, 1536, 512, 18432)
+    case = C.make_case("mla_drafter_step", 5, 448, torch.bfloat16, "cpu")
+    assert case.norm == "chunk"
+    with torch.inference_mode():
+        inp = C.make_inputs(case, seed=0)
+        models = inp["models"]
+        ours, eager = models["eagle3"], models["eager"]
+        assert type(ours).__name__ == "Eagle3DeepseekDrafter" and ours.config.fc_norm and ours.config.norm_output
+        step = [n for n, p in ours.named_parameters() if not n.startswith(("embed_tokens", "lm_head"))]
+        counts = C.drafter_param_counts(448, "mla_drafter_step")
+        assert sum(ours.get_parameter(n).numel() for n in step) == counts["weights"]
+        matrices = [n for n in step if ours.get_parameter(n).dim() == 2]
+        assert sum(ours.get_parameter(n).numel() for n in matrices) == counts["matmul"]
+        for n, t in ours.state_dict().items():
+            assert torch.equal(t, eager.state_dict()[n]), n
+        checker = C.Checker(case, inp)
+        for impl in C.implementations(case, with_compile=False).impls:
+            out = impl.prepare(inp)()
+            assert out[0].shape == (5, 448) and torch.equal(out[0], out[1])  # norm_output
             chk = checker(out)
             assert chk.ok, (impl.name, chk)
     C.release_drafter_models()
