@@ -1,8 +1,9 @@
 """Small CUDA cases for compute-sanitizer (memcheck / racecheck), run by bench/gpu_check.sh.
 
-Odd widths and offset views (scalar paths), aligned views (16-byte paths), the staged and
-two-pass norm kernels, the fc's decode kernel, fp32 weights, shared statistics, T = 0, 1, 5. Each result is compared with the reference,
-so a wrong answer fails here as well as a bad access.
+Odd widths and offset views (scalar paths), aligned views (16-byte paths), the staged,
+two-pass and register-resident norm kernels, the fc's decode kernel, fp32 weights, shared
+statistics, T = 0, 1, 5. Each result is compared with the reference, so a wrong answer
+fails here as well as a bad access.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/sanitize_cases.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/sanitize_cases.py --one
@@ -27,7 +28,7 @@ def _close(out, expect, what):
 def run_cases(one: bool, g: torch.Generator, aligned: bool) -> int:
     dev = "cuda"
     cases = 0
-    widths_sets = [[64, 64, 64], [769, 100, 8], [7, 1029], [1024, 512]] if not one else [[769, 64, 100], [256, 512]]
+    widths_sets = [[64, 64, 64], [769, 100, 8], [7, 1029], [1024, 512], [2048]] if not one else [[769, 64, 100], [256, 512]]
     dtypes = [torch.bfloat16, torch.float16, torch.float32] if not one else [torch.bfloat16]
     for dtype in dtypes:
         for widths in widths_sets:
@@ -64,18 +65,21 @@ def run_cases(one: bool, g: torch.Generator, aligned: bool) -> int:
 def run(one: bool) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     ops = torch.ops.eagle3
-    stage, decode = ops._norm_stage_limit(-1), ops._fc_decode_max_tokens(-1)
+    stage, decode, regs = ops._norm_stage_limit(-1), ops._fc_decode_max_tokens(-1), ops._norm_registers(-1)
     cases = 0
     try:
-        # every kernel path: staged and two-pass norms, the fc's decode kernel up to T=8
-        for stage_limit, decode_tokens in ((stage, 8), (0, decode)):
+        # every kernel path: staged, two-pass and register-resident norms, the fc's decode
+        # kernel up to T=8
+        for stage_limit, decode_tokens, registers in ((stage, 8, 0), (0, decode, 0), (stage, decode, 1)):
             ops._norm_stage_limit(stage_limit)
             ops._fc_decode_max_tokens(decode_tokens)
+            ops._norm_registers(registers)
             for aligned in (False, True):
                 cases += run_cases(one, g, aligned)
     finally:
         ops._norm_stage_limit(stage)
         ops._fc_decode_max_tokens(decode)
+        ops._norm_registers(regs)
     torch.cuda.synchronize()
     print(f"sanitize_cases: {cases} cases passed")
     return 0

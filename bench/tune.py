@@ -1,10 +1,11 @@
-"""Quick GPU comparison of the kernels' alternative strategies, in one process (~20 s).
+"""Quick GPU comparison of the kernels' alternative strategies, in one process (~40 s).
 
     python -m bench.tune [--out FILE.json]
 
-For the norm kernels: the shared-memory stage (rows staged once with cp.async) against
-no stage (rows read twice from global memory, the second read from L2), selected with
-``torch.ops.eagle3._norm_stage_limit``. For the fc: the decode kernel against
+For the norm kernels (T = 64 and 16384): the shared-memory stage (rows staged once with
+cp.async), no stage (rows read twice from global memory, the second read from L2;
+``torch.ops.eagle3._norm_stage_limit(0)``) and registers (each thread keeps its vectors
+of the row in registers; ``torch.ops.eagle3._norm_registers(1)``). For the fc: the decode kernel against
 rms_norm_cat + cuBLAS at T = 1..8, selected with ``torch.ops.eagle3._fc_decode_max_tokens``.
 Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
 beside the copy bandwidth measured in the same run and the variant's error against float64.
@@ -58,11 +59,13 @@ def main() -> None:
 
     default_stage = OPS._norm_stage_limit(-1)
     default_decode = OPS._fc_decode_max_tokens(-1)
+    default_regs = OPS._norm_registers(-1)
     try:
         _sweep(measure)
     finally:
         OPS._norm_stage_limit(default_stage)
         OPS._fc_decode_max_tokens(default_decode)
+        OPS._norm_registers(default_regs)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy,
@@ -70,14 +73,17 @@ def main() -> None:
 
 
 def _sweep(measure) -> None:
-    default_stage = OPS._norm_stage_limit(-1)
+    default_stage, default_regs = OPS._norm_stage_limit(-1), OPS._norm_registers(-1)
     for op in ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm"):
-        for H in (4096, 8192):
-            case = C.make_case(op, 16384, H, torch.bfloat16, "cuda")
-            for name, limit in (("staged", default_stage), ("two-pass", 0)):
+        for T, H in ((64, 4096), (16384, 4096), (16384, 8192)):
+            case = C.make_case(op, T, H, torch.bfloat16, "cuda")
+            for name, limit, regs in (("staged", default_stage, 0), ("two-pass", 0, 0),
+                                      ("registers", default_stage, 1)):
                 OPS._norm_stage_limit(limit)
+                OPS._norm_registers(regs)
                 measure(case, name)
     OPS._norm_stage_limit(default_stage)
+    OPS._norm_registers(default_regs)
     for H in (4096, 7168):
         for T in (1, 2, 4, 8):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")

@@ -38,6 +38,9 @@ int64_t fc_decode_max_tokens(int64_t value);
 // Largest shared-memory stage per block of the norm kernels (0: never stage, rows are read
 // twice from global memory); sets it and returns the previous value, -1 only queries.
 int64_t set_norm_stage_limit(int64_t bytes);
+// The register-resident norm kernels (1: used where a row qualifies, 0: never); sets it and
+// returns the previous value, -1 only queries.
+int64_t set_norm_registers(int64_t on);
 }  // namespace cuda
 #endif
 

@@ -36,6 +36,17 @@ TORCH_LIBRARY(eagle3, m) {
     return 0;
 #endif
   });
+  // The register-resident strategy of the CUDA norm kernels (1: on where a row qualifies,
+  // 0: off); sets it and returns the previous value, -1 only queries. For benchmarks that
+  // compare the strategies (python -m bench.tune) and the tests of each.
+  m.def("_norm_registers(int value=-1) -> int", [](int64_t value) -> int64_t {
+    TORCH_CHECK_VALUE(value >= -1 && value <= 1, "_norm_registers: value must be -1 (query), 0 or 1, got ", value);
+#ifdef EAGLE3_WITH_CUDA
+    return eagle3::cuda::set_norm_registers(value);
+#else
+    return 0;
+#endif
+  });
   // "cuda" when this build holds the CUDA kernels, else "cpu" (eagle3_ops.has_cuda_kernels()).
   m.def("_build_info() -> str", []() -> std::string {
 #ifdef EAGLE3_WITH_CUDA

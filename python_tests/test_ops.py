@@ -591,3 +591,45 @@ def test_fused_add_rms_norm_two_pass(device, seed, two_pass_norms, dtype, H):
     rng = Rng(seed, device)
     x, r, bases = make_pair(rng, "contig", 83, H, dtype)
     check_fused_add(device, x, r, bases, rng.norm_weight(H, torch.float32), EPS)
+
+
+# ---- the CUDA norm kernels' third strategy: rows kept in registers -------------------------
+
+
+@pytest.fixture
+def register_norms():
+    """The register-resident CUDA norm kernels switched on (rows that do not qualify -- a
+    chunk without 16-byte accesses, more than 4 chunks, a chunk wider than 2048 vectors --
+    take the default kernels), restored afterwards."""
+    old = torch.ops.eagle3._norm_registers(1)
+    assert torch.ops.eagle3._norm_registers(-1) == 1
+    yield
+    torch.ops.eagle3._norm_registers(old)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
+@pytest.mark.parametrize("layout", ["split", "contig"])
+@pytest.mark.parametrize("widths", [[4096, 4096, 4096], [7168, 7168], [8192], [256, 512, 64, 1024],
+                                    [16384, 8], [768, 8, 8, 8, 8], [769, 100, 64]],
+                         ids=["3x4096", "2x7168", "8192", "4mixed", "wide", "5chunks", "odd"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_registers(device, seed, register_norms, dtype, widths, layout, shared):
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, layout, 37, widths, dtype)
+    weights = make_weights(rng, "mixed", widths, dtype)
+    check_rms_norm_cat(device, xs, bases, weights, EPS, shared, lead_shape(layout, 37))
+
+
+@pytest.mark.parametrize("H", [4096, 7168, 16384, 769])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_registers(device, seed, register_norms, dtype, H):
+    rng = Rng(seed, device)
+    x, r, bases = make_pair(rng, "contig", 37, H, dtype)
+    check_fused_add(device, x, r, bases, rng.norm_weight(H, torch.float32), EPS)
+
+
+def test_strategy_switches_validate_their_argument():
+    with pytest.raises(ValueError, match="_norm_registers: value must be -1 \\(query\\), 0 or 1, got 2"):
+        torch.ops.eagle3._norm_registers(2)
+    with pytest.raises(ValueError, match="_norm_stage_limit: value must be -1"):
+        torch.ops.eagle3._norm_stage_limit(-2)

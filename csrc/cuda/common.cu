@@ -43,6 +43,17 @@ StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device) {
   return {false, scratch_bytes};
 }
 
+namespace {
+std::atomic<bool> g_norm_registers{false};
+}  // namespace
+
+bool norm_registers() { return g_norm_registers.load(std::memory_order_relaxed); }
+
+int64_t set_norm_registers(int64_t on) {
+  if (on < 0) return g_norm_registers.load() ? 1 : 0;
+  return g_norm_registers.exchange(on != 0) ? 1 : 0;
+}
+
 int64_t set_norm_stage_limit(int64_t bytes) {
   if (bytes < 0) return g_norm_stage_limit.load();
   return g_norm_stage_limit.exchange(bytes);

@@ -58,6 +58,18 @@ __device__ __forceinline__ Vec<T> load_vec_ro(const T* p) {
 }
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
+// Streaming (evict-first) load and store, for data touched once (activations of the
+// register-resident norm kernels), so they do not push the weights out of L1 / L2.
+template <typename T>
+__device__ __forceinline__ Vec<T> load_vec_stream(const T* p) {
+  Vec<T> out;
+  *reinterpret_cast<int4*>(&out) = __ldcs(reinterpret_cast<const int4*>(p));
+  return out;
+}
+template <typename T>
+__device__ __forceinline__ void store_vec_stream(T* p, const Vec<T>& v) {
+  __stcs(reinterpret_cast<int4*>(p), *reinterpret_cast<const int4*>(&v));
+}
 
 __host__ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & (kVecBytes - 1)) == 0;
@@ -125,6 +137,7 @@ __device__ __forceinline__ float weight_at(const void* w, int w_kind, int64_t i)
 }
 
 // ---- launch helpers --------------------------------------------------------------------------
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 int max_smem_optin(int device);  // cudaDevAttrMaxSharedMemoryPerBlockOptin, cached per device
 int sm_count(int device);        // multiprocessors, cached per device
 
@@ -138,6 +151,23 @@ struct StagePlan {
 };
 StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device);
 
+// The register-resident strategy of the norm kernels (set_norm_registers): every thread
+// keeps its kRegVecs vectors of each chunk in registers between the sum of squares and the
+// scaled write (the row is read once, nothing is staged). Used, when switched on, for rows
+// whose chunks all allow 16-byte accesses, at most kRegMaxChunks chunks, and at most
+// kRegVecs x kRegMaxThreads vectors per chunk; reg_threads gives the block size, 0 when a
+// row does not qualify.
+constexpr int kRegVecs = 4;
+constexpr int kRegMaxThreads = 512;
+constexpr int kRegMaxChunks = 4;
+bool norm_registers();
+inline int reg_threads(int64_t max_vecs, int num_chunks, bool all_vec) {
+  if (!norm_registers() || !all_vec || num_chunks > kRegMaxChunks || max_vecs > int64_t{kRegVecs} * kRegMaxThreads)
+    return 0;
+  const int t = static_cast<int>((max_vecs + kRegVecs - 1) / kRegVecs);
+  return std::max(32, round_up(t, 32));
+}
+
 // The WeightKind of an optional norm weight for inputs of dtype x.
 inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
   return !w || !w->defined() ? kNoWeight : (w->scalar_type() == x ? kWeightSameType : kWeightFp32);
@@ -146,8 +176,6 @@ inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
 // maximum and ask for the largest shared-memory carveout (once per device and kernel), so
 // the rows in flight per SM are bounded by the stage size, not by the L1 / shared split.
 void configure_staging_kernel(const void* kernel, int device);
-
-inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
 // Threads for a row whose largest chunk has `max_vecs` vectors: about kVecsPerThread
 // vectors per thread (a multiple of 32 threads, at most 512). Small blocks keep many rows

@@ -4,7 +4,9 @@
 // x and residual rows are staged in shared memory with 16-byte cp.async copies; sweep 1
 // forms s = x + residual in fp32, writes it rounded and sums its squares; after the barrier
 // around the per-warp sums, sweep 2 forms s again from the staged rows and writes the
-// normalised row. Each thread touches only the elements it staged itself.
+// normalised row. Each thread touches only the elements it staged itself. Rows past the
+// stage limit are read twice from global memory; with _norm_registers(1) qualifying rows
+// are kept in registers instead (fused_add_rms_norm_regs_kernel).
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -92,6 +94,67 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
   }
 }
 
+// The register-resident strategy (norm_registers): every thread streams its kRegVecs
+// vectors of x and of residual into registers (all loads of the row in flight at once),
+// writes s = x + residual and sums its squares, then writes the normalised row from the
+// same registers. Nothing is staged; the row is read from memory once.
+template <typename T>
+__global__ void __launch_bounds__(kRegMaxThreads)
+fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, const T* __restrict__ res,
+                               const int64_t res_stride, const void* __restrict__ w, const int w_kind,
+                               T* __restrict__ normed, T* __restrict__ sum, const int64_t num_rows, const int width,
+                               const float eps) {
+  constexpr int V = Vec<T>::N;
+  __shared__ float warp_sums[kRegMaxThreads / 32];
+  const int nwarps = blockDim.x / 32;
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const T* xr = x + row * x_stride;
+    const T* rr = res + row * res_stride;
+    Vec<T> a[kRegVecs], b[kRegVecs];
+#pragma unroll
+    for (int j = 0; j < kRegVecs; ++j) {
+      const int i = (threadIdx.x + j * blockDim.x) * V;
+      if (i < width) { a[j] = load_vec_stream(xr + i); b[j] = load_vec_stream(rr + i); }
+    }
+    T* sum_row = sum + row * static_cast<int64_t>(width);
+    T* out_row = normed + row * static_cast<int64_t>(width);
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < kRegVecs; ++j) {
+      const int i = (threadIdx.x + j * blockDim.x) * V;
+      if (i < width) {
+        Vec<T> s;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float f = to_float(a[j].v[e]) + to_float(b[j].v[e]);
+          ss += f * f;
+          s.v[e] = from_float<T>(f);
+        }
+        store_vec_stream(sum_row + i, s);
+      }
+    }
+    ss = warp_sum(ss);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ss;
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < nwarps; ++i) total += warp_sums[i];
+    const float scale = rsqrtf(total / static_cast<float>(width) + eps);
+#pragma unroll
+    for (int j = 0; j < kRegVecs; ++j) {
+      const int i = (threadIdx.x + j * blockDim.x) * V;
+      if (i < width) {
+        float wv[V];
+        load_weight_vec<T>(w, w_kind, i, wv);
+        Vec<T> y;
+#pragma unroll
+        for (int e = 0; e < V; ++e) y.v[e] = from_float<T>((to_float(a[j].v[e]) + to_float(b[j].v[e])) * scale * wv[e]);
+        store_vec_stream(out_row + i, y);
+      }
+    }
+    __syncthreads();  // warp_sums are reused by the block's next row
+  }
+}
+
 }  // namespace
 
 void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tensor& w, float eps, at::Tensor& normed,
@@ -109,12 +172,20 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     const bool vec = aligned16(x2.data_ptr()) && aligned16(r2.data_ptr()) && aligned16(normed.data_ptr()) &&
                      aligned16(sum.data_ptr()) && x2.stride(0) % V == 0 &&
                      r2.stride(0) % V == 0 && width % V == 0 && (wp == nullptr || aligned16(wp));
+    const int64_t grid = std::min<int64_t>(rows, INT32_MAX);
+    if (const int rthreads = reg_threads(vec ? width / V : width, 1, vec); rthreads > 0) {
+      fused_add_rms_norm_regs_kernel<scalar_t><<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(
+          static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
+          r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
+          rows, static_cast<int>(width), eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const int threads = threads_for(vec ? width / V : width);
     const int64_t width_pad = (width + V - 1) / V * V;
     const StagePlan plan = plan_stage(32 * sizeof(float), 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t)), device);
     auto* kernel = plan.staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
     if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
-    const int64_t grid = std::min<int64_t>(rows, INT32_MAX);
     kernel<<<static_cast<unsigned>(grid), threads, plan.smem, stream>>>(
         static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
         r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),

@@ -8,6 +8,7 @@
 // only barriers are the one around the per-warp partial sums and the one before the next
 // row reuses the stage. Rows wider than the stage limit (or all rows, with
 // _norm_stage_limit(0)) are read twice from global memory instead (the second read hits L2).
+// A third strategy keeps the row in registers (rms_norm_cat_regs_kernel, _norm_registers(1)).
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -104,6 +105,89 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
   }
 }
 
+// The register-resident strategy (norm_registers): one block per row, every thread loads
+// its kRegVecs vectors of each of the (at most KMAX) chunks into registers with streaming
+// loads -- all loads of the row in flight at once, as a copy kernel has them -- sums their
+// squares, and writes the scaled vectors from registers. The row is read from memory once,
+// nothing is staged, and the only barrier is the one around the per-warp sums. Every chunk
+// allows 16-byte accesses (reg_threads checks).
+template <typename T, int KMAX>
+__global__ void __launch_bounds__(kRegMaxThreads)
+rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
+                         T* __restrict__ out,  // [T, total] contiguous
+                         const int64_t num_rows, const int total, const float eps, const int mode) {
+  constexpr int V = Vec<T>::N;
+  __shared__ float warp_sums[KMAX][kRegMaxThreads / 32];
+  const int nwarps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    Vec<T> r[KMAX][kRegVecs];
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      if (k < num_chunks) {
+        const ChunkDesc& c = tab.c[k];
+        const T* src = static_cast<const T*>(c.x) + row * c.x_stride;
+#pragma unroll
+        for (int j = 0; j < kRegVecs; ++j) {
+          const int i = (threadIdx.x + j * blockDim.x) * V;
+          if (i < c.width) r[k][j] = load_vec_stream(src + i);
+        }
+      }
+    }
+    float scale[KMAX];
+    if (mode != static_cast<int>(NormMode::kNone)) {
+#pragma unroll
+      for (int k = 0; k < KMAX; ++k) {
+        if (k < num_chunks) {
+          const int width = tab.c[k].width;
+          float ss = 0.f;
+#pragma unroll
+          for (int j = 0; j < kRegVecs; ++j) {
+            if ((threadIdx.x + j * blockDim.x) * V < width) {
+#pragma unroll
+              for (int e = 0; e < V; ++e) { const float f = to_float(r[k][j].v[e]); ss += f * f; }
+            }
+          }
+          ss = warp_sum(ss);
+          if (lane == 0) warp_sums[k][warp] = ss;
+        }
+      }
+      __syncthreads();
+      float all = 0.f;
+#pragma unroll
+      for (int k = 0; k < KMAX; ++k) {
+        float s = 0.f;
+        if (k < num_chunks) {
+          for (int w = 0; w < nwarps; ++w) s += warp_sums[k][w];
+        }
+        all += s;
+        scale[k] = k < num_chunks ? rsqrtf(s / static_cast<float>(tab.c[k].width) + eps) : 1.f;
+      }
+      if (mode == static_cast<int>(NormMode::kShared)) {
+        const float shared = rsqrtf(all / static_cast<float>(total) + eps);
+#pragma unroll
+        for (int k = 0; k < KMAX; ++k) scale[k] = shared;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < KMAX; ++k) scale[k] = 1.f;
+    }
+    T* out_row = out + row * static_cast<int64_t>(total);
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      if (k < num_chunks) {
+        const ChunkDesc& c = tab.c[k];
+#pragma unroll
+        for (int j = 0; j < kRegVecs; ++j) {
+          const int i = (threadIdx.x + j * blockDim.x) * V;
+          if (i < c.width) store_vec_stream(out_row + c.out_off + i, scale_vec(r[k][j], scale[k], c, i));
+        }
+      }
+    }
+    if (mode != static_cast<int>(NormMode::kNone)) __syncthreads();  // warp_sums reused by the next row
+  }
+}
+
 }  // namespace
 
 void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
@@ -135,10 +219,27 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       stage_elems += (c.widths[k] + V - 1) / V * V;
       max_vecs = std::max<int64_t>(max_vecs, d.vec ? d.width / V : d.width);
     }
+    const int64_t grid = std::min<int64_t>(c.num_rows, INT32_MAX);
+    bool all_vec = true;
+    for (int k = 0; k < num_chunks; ++k) all_vec = all_vec && tab.c[k].vec;
+    if (const int rthreads = reg_threads(max_vecs, num_chunks, all_vec); rthreads > 0) {
+      // One instance per chunk count: the register arrays are sized by it (K=3, the aux
+      // states, must not pay for a fourth chunk's registers).
+      static_assert(kRegMaxChunks == 4, "one instance per chunk count up to kRegMaxChunks");
+      auto* kernel = num_chunks == 1   ? rms_norm_cat_regs_kernel<scalar_t, 1>
+                     : num_chunks == 2 ? rms_norm_cat_regs_kernel<scalar_t, 2>
+                     : num_chunks == 3 ? rms_norm_cat_regs_kernel<scalar_t, 3>
+                                       : rms_norm_cat_regs_kernel<scalar_t, 4>;
+      kernel<<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(tab, num_chunks,
+                                                                  static_cast<scalar_t*>(out.data_ptr()), c.num_rows,
+                                                                  static_cast<int>(c.total_width), eps,
+                                                                  static_cast<int>(mode));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const int threads = threads_for(max_vecs);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
     const StagePlan plan = plan_stage(sums_bytes, stage_elems * static_cast<int64_t>(sizeof(scalar_t)), device);
-    const int64_t grid = std::min<int64_t>(c.num_rows, INT32_MAX);
     auto* kernel = plan.staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
     if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
     kernel<<<static_cast<unsigned>(grid), threads, plan.smem, stream>>>(tab, num_chunks,

@@ -342,7 +342,7 @@ class ReferenceDecoderLayer(nn.Module):
 class ReferenceLlamaDrafter(nn.Module):
     """The complete EAGLE-3 drafter of DESIGN.md section 1 (no KV cache: full sequence):
     Llama attention, or DeepSeek multi-head latent attention when the config describes it
-    (``ReferenceDeepseekDrafter`` is the same class)."""
+    (:class:`ReferenceDeepseekDrafter` insists on the latter)."""
 
     def __init__(self, config):
         super().__init__()
@@ -402,4 +402,13 @@ class ReferenceLlamaDrafter(nn.Module):
         return full
 
 
-ReferenceDeepseekDrafter = ReferenceLlamaDrafter
+
+class ReferenceDeepseekDrafter(ReferenceLlamaDrafter):
+    """The complete DeepSeek (MLA) EAGLE-3 drafter: :class:`ReferenceLlamaDrafter`'s
+    structure with :class:`ReferenceMLAttention` in every layer (the config must describe
+    multi-head latent attention)."""
+
+    def __init__(self, config):
+        if resolve(config).mla is None:
+            raise ValueError("ReferenceDeepseekDrafter needs a multi-head latent attention config (kv_lora_rank ...)")
+        super().__init__(config)
