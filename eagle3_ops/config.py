@@ -66,8 +66,9 @@ Multi-head latent attention (DeepSeek-V2/V3-family drafters, e.g. Kimi-K2's): a 
 config naming ``kv_lora_rank`` resolves ``mla`` (:class:`MLAConfig`) from
 ``q_lora_rank`` (null: a plain q_proj), ``kv_lora_rank``, ``qk_nope_head_dim``,
 ``qk_rope_head_dim``, ``v_head_dim`` (all required) and ``rope_interleave`` (default
-true); ``head_dim`` then defaults to ``qk_rope_head_dim``. MoE fields are ignored (the
-drafter's MLP is dense, ``intermediate_size``). MLA sizes without ``kv_lora_rank`` are an
+true); ``head_dim`` then defaults to ``qk_rope_head_dim`` and ``num_key_value_heads`` is
+``num_attention_heads`` (whatever the config says: every head reads the one latent). MoE
+fields are ignored (the drafter's MLP is dense, ``intermediate_size``). MLA sizes without ``kv_lora_rank`` are an
 error.
 
 Required everywhere: ``hidden_size``, ``num_attention_heads``,
@@ -710,8 +711,10 @@ def _mla(src: _Sources) -> MLAConfig | None:
             f"multi-head latent attention config (kv_lora_rank={src.decoder('kv_lora_rank')}) lacks {missing}; "
             "expected integers (q_lora_rank may be null for a plain q_proj)"
         )
+    # q_lora_rank may be an explicit null: the section that names it wins, null or not
+    q_lora = src.layer["q_lora_rank"] if "q_lora_rank" in src.layer else src.top.get("q_lora_rank")
     return MLAConfig(
-        q_lora_rank=_opt_int("q_lora_rank", src.decoder("q_lora_rank")),
+        q_lora_rank=_opt_int("q_lora_rank", q_lora),
         kv_lora_rank=_as_int("kv_lora_rank", src.decoder("kv_lora_rank")),
         qk_nope_head_dim=_as_int("qk_nope_head_dim", src.decoder("qk_nope_head_dim")),
         qk_rope_head_dim=_as_int("qk_rope_head_dim", src.decoder("qk_rope_head_dim")),
@@ -835,7 +838,9 @@ def _resolve_raw(raw: dict[str, Any], target_num_layers: int | None) -> DrafterC
             "draft_vocab_size", _first_not_none(src.flag("draft_vocab_size"), vocab_size)
         ),
         num_attention_heads=num_heads,
-        num_key_value_heads=_as_int(
+        # MLA has no key / value heads of its own (every head reads the one latent); configs
+        # saved by transformers carry an unrelated default there, so it is not read.
+        num_key_value_heads=num_heads if mla is not None else _as_int(
             "num_key_value_heads", _first_not_none(src.decoder("num_key_value_heads"), num_heads)
         ),
         head_dim=_head_dim(src, hidden_size, num_heads, mla),

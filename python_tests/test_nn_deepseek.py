@@ -502,3 +502,145 @@ def test_a_kimi_k2_sized_drafter_config(tmp_path):
     want = 192 ** -0.5 * (0.1 * 1.0 * math.log(64.0) + 1) ** 2
     assert a.softmax_scale == pytest.approx(want, rel=1e-12)
     assert m.rotary.attention_factor == 1.0 and m.rotary.interleaved
+
+
+# ---- the cached (absorbed) path against transformers, other dtypes, biases, edge sizes ----------
+
+
+DTYPES3 = DTYPES + [pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES3)
+@pytest.mark.parametrize("q_lora", [48, None], ids=["qlora", "qproj"])
+def test_cached_drafting_vs_transformers(seed, dtype, q_lora):
+    """Prefill with a cache, a 3-token append, then 1-token steps (the absorbed path): every
+    new row against transformers' full forward over the whole sequence (fp64 truth, and its
+    run in the same dtype for the bound)."""
+    cfg = mla_config(norm="fc_norm", norm_before_residual=True, layers=2, rope="yarn", q_lora=q_lora)
+    m = _build(cfg, seed, dtype)
+    hf64, hf = _hf(cfg, m.state_dict(), torch.float64), _hf(cfg, m.state_dict(), dtype)
+    ids, pos, h = inputs(seed, 10, H, dtype, start=700)
+    cache = enn.DrafterKVCache()
+    with torch.no_grad():
+        for lo, hi in ((0, 5), (5, 8), (8, 9), (9, 10)):
+            out, fed = m(ids[lo:hi], pos[lo:hi], h[lo:hi], cache)
+            out64, fed64 = hf64(ids[:hi], pos[:hi], h[:hi].double())
+            oute, fede = hf(ids[:hi], pos[:hi], h[:hi])
+            check(out, out64[lo:hi], oute[lo:hi], f"cached rows {lo}:{hi} {dtype}")
+            check(fed, fed64[lo:hi], fede[lo:hi], f"cached fed back rows {lo}:{hi} {dtype}")
+    assert cache.seq_len == 10
+
+
+@pytest.mark.parametrize("dtype", DTYPES3)
+def test_attention_bias_vs_transformers(seed, dtype):
+    cfg = mla_config(norm="norm_before_fc", layers=2, rope="yarn", attention_bias=True)
+    m = _build(cfg, seed, dtype)
+    a = m.layers[0].self_attn
+    assert a.q_a_proj.bias is not None and a.kv_a_proj_with_mqa.bias is not None and a.o_proj.bias is not None
+    assert a.q_b_proj.bias is None and a.kv_b_proj.bias is None
+    hf64, hf = _hf(cfg, m.state_dict(), torch.float64), _hf(cfg, m.state_dict(), dtype)
+    ids, pos, h = inputs(seed, 7, H, dtype, start=5)
+    with torch.no_grad():
+        out, fed = m(ids, pos, h)
+        out64, fed64 = hf64(ids, pos, h.double())
+        oute, fede = hf(ids, pos, h)
+    check(out, out64, oute, f"attention_bias {dtype}")
+    check(fed, fed64, fede, f"attention_bias fed back {dtype}")
+
+
+def test_empty_and_single_token(seed):
+    cfg = mla_config(norm="fc_norm", layers=2, rope="yarn")
+    m = _build(cfg, seed, torch.float32)
+    with torch.no_grad():
+        out, fed = m(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, H))
+        assert out.shape == (0, H) and fed.shape == (0, H)
+        out, _ = m(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, H))
+        assert out.shape == (2, 0, H)
+        cache = enn.DrafterKVCache()
+        ids, pos, h = inputs(seed, 3, H, torch.float32)
+        m(ids[:0], pos[:0], h[:0], cache)  # an empty prefill, then tokens
+        got = torch.cat([m(ids[i:i + 1], pos[i:i + 1], h[i:i + 1], cache)[0] for i in range(3)])
+        torch.testing.assert_close(got, m(ids, pos, h)[0], rtol=2e-5, atol=2e-5)
+        one, _ = m(ids[:1], pos[:1], h[:1])
+        assert one.shape == (1, H)
+
+
+@pytest.mark.parametrize("dtype", DTYPES3)
+def test_kv_cache_on_each_device(device, seed, dtype):
+    """The cached path on every device (CUDA: the ops and the fused attention kernels)
+    against the package's reference over the whole sequence."""
+    cfg = mla_config(norm="fc_norm", norm_output=True, layers=2, rope="yarn")
+    m = _build(cfg, seed, dtype, device)
+    r64 = R.ReferenceDeepseekDrafter(cfg).to(device=device, dtype=torch.float64)
+    r64.load_state_dict(m.state_dict())
+    eager = R.ReferenceDeepseekDrafter(cfg).to(device=device, dtype=dtype)
+    eager.load_state_dict(m.state_dict())
+    ids, pos, h = inputs(seed, 9, H, dtype, start=300)
+    ids, pos, h = ids.to(device), pos.to(device), h.to(device)
+    cache = enn.DrafterKVCache()
+    with torch.no_grad():
+        for lo, hi in ((0, 4), (4, 6), (6, 7), (7, 8), (8, 9)):
+            out, _ = m(ids[lo:hi], pos[lo:hi], h[lo:hi], cache)
+            check(out, r64(ids[:hi], pos[:hi], h[:hi].double())[0][lo:hi], eager(ids[:hi], pos[:hi], h[:hi])[0][lo:hi],
+                  f"{device} {dtype} cached rows {lo}:{hi}")
+
+
+# ---- configs as transformers writes them; YaRN against transformers ----------------------------
+
+
+def test_config_saved_by_transformers_resolves(tmp_path, seed):
+    """``DeepseekV3Config(...).to_dict()`` (rope_parameters spelling, its default
+    num_key_value_heads=128 with 4 heads, head_dim = qk_rope_head_dim) plus the EAGLE-3
+    fields resolves, builds, and matches transformers."""
+    transformers, _ = _hf_modules()
+    dc = transformers.DeepseekV3Config(
+        hidden_size=H, intermediate_size=128, num_hidden_layers=1, num_attention_heads=HEADS, q_lora_rank=48,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, rms_norm_eps=1e-6, vocab_size=VOCAB,
+        max_position_embeddings=2048,
+        rope_parameters={**{k: v for k, v in YARN.items() if k != "type"}, "rope_type": "yarn", "rope_theta": 10000.0})
+    raw = {**dc.to_dict(), "architectures": ["Eagle3DeepseekV2ForCausalLM"], "draft_vocab_size": 96,
+           "fc_norm": True, "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 4, 7]}}
+    assert raw["num_key_value_heads"] != HEADS and raw.get("rope_scaling") is None
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    c = resolve(tmp_path)
+    assert c.num_key_value_heads == HEADS and c.head_dim == 8 and c.rope_scaling["rope_type"] == "yarn"
+    assert c.mla == MLAConfig(q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24)
+    m = _build(c, seed, torch.float32)
+    hf64 = _hf(c, m.state_dict(), torch.float64)
+    assert m.layers[0].self_attn.softmax_scale == pytest.approx(hf64.layers[0].self_attn.scaling, rel=1e-12)
+    ids, pos, h = inputs(seed, 6, H, torch.float32, start=900)
+    with torch.no_grad():
+        out, _ = m(ids, pos, h)
+        want, _ = hf64(ids, pos, h.double())
+    check(out, want, None, "config from DeepseekV3Config.to_dict()")
+
+
+def test_q_lora_rank_null_in_the_layer_section_wins():
+    spec = {"speculators_model_type": "eagle3", "q_lora_rank": 48,
+            "transformer_layer_config": mla_config(q_lora=None), "draft_vocab_size": 96}
+    assert resolve(spec).mla.q_lora_rank is None
+
+
+@pytest.mark.parametrize("scaling", [
+    {"factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+     "mscale_all_dim": 1.0},  # DeepSeek-V3
+    {"factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+     "mscale_all_dim": 0.707},  # DeepSeek-V2-Lite
+    {"factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 1, "beta_slow": 1, "mscale": 1.0,
+     "mscale_all_dim": 1.0},  # Kimi-K2.5-like drafter
+    {"factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+     "mscale_all_dim": 0.8},  # the test grid's
+], ids=["deepseek-v3", "deepseek-v2-lite", "kimi", "grid"])
+def test_yarn_matches_transformers(scaling):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: PLC0415
+    from eagle3_ops.nn.rope import rope_attention_factor, rope_inverse_frequencies  # noqa: PLC0415
+
+    theta = 50000.0 if scaling["beta_fast"] == 1 else 10000.0
+    dc = transformers.DeepseekV3Config(
+        hidden_size=64, num_attention_heads=4, qk_rope_head_dim=64, max_position_embeddings=163840,
+        rope_parameters={**scaling, "rope_type": "yarn", "rope_theta": theta})
+    inv_hf, factor_hf = ROPE_INIT_FUNCTIONS["yarn"](dc, "cpu")
+    ours = {**scaling, "rope_type": "yarn"}
+    torch.testing.assert_close(rope_inverse_frequencies(64, theta, ours), inv_hf.double(), rtol=1e-6, atol=0)
+    assert rope_attention_factor(ours) == pytest.approx(factor_hf, rel=1e-12)

@@ -133,18 +133,20 @@ class Eagle3MLAttention(nn.Module):
     def _absorbed(self, q_nope: Tensor, q_rot: Tensor, latent: Tensor, k_rot: Tensor) -> Tensor:
         """Queries against L cached positions: ``q_nope . k_nope = (q_nope W_uk) . latent`` and
         ``p @ v = (p @ latent) W_uv^T`` per head, so the scores and the weighted sum run in
-        the latent space (one shared "head" of width kv_lora_rank + qk_rope_head_dim)."""
+        the latent space against one shared key / value "head" (width kv_lora_rank +
+        qk_rope_head_dim / kv_lora_rank). The h heads are folded into the query rows
+        (``[B, 1, h*S, .]``, head-major) so attention sees one head everywhere: no grouped
+        query expansion of the cache, and the fused attention kernels stay eligible."""
         B, h, S, _ = q_nope.shape
         L = latent.shape[2]
         w = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
         q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
-        q = torch.cat([q_lat, q_rot], dim=-1)
+        q = torch.cat([q_lat, q_rot], dim=-1).reshape(B, 1, h * S, -1)
         k = torch.cat([latent, k_rot], dim=-1)
-        mask = None if S == 1 else _causal_mask(S, L, q.device)
-        o_lat = F.scaled_dot_product_attention(q, k, latent, attn_mask=mask, scale=self.softmax_scale,
-                                               enable_gqa=True)
-        return torch.einsum("bhsr,hvr->bhsv", o_lat, w_uv)
+        mask = None if S == 1 else _causal_mask(S, L, q.device).repeat(h, 1)  # row h_i * S + s: position s
+        o_lat = F.scaled_dot_product_attention(q, k, latent, attn_mask=mask, scale=self.softmax_scale)
+        return torch.einsum("bhsr,hvr->bhsv", o_lat.view(B, h, S, self.kv_lora_rank), w_uv)
 
 
 class Eagle3DeepseekDrafter(Eagle3Drafter):

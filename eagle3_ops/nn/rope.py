@@ -30,7 +30,12 @@ def _yarn_field(scaling: dict, key: str):
 def rope_attention_factor(scaling: Optional[dict]) -> float:
     """The factor the cos / sin tables are multiplied by: 1, except for YaRN, where it is
     ``attention_factor`` when given, else ``mscale(factor, mscale) / mscale(factor,
-    mscale_all_dim)`` (``mscale`` defaults to 1, ``mscale_all_dim`` to 0)."""
+    mscale_all_dim)`` (``mscale`` defaults to 1, ``mscale_all_dim`` to 0).
+
+    These are DeepSeek's own YaRN rules, which the serving engines follow. transformers
+    agrees whenever both ``mscale`` and ``mscale_all_dim`` are given (every DeepSeek-V2/V3
+    and Kimi-K2 config) and differs when only one is: it then uses ``mscale(factor, 1)``.
+    ``factor`` is required (transformers would derive it from the context lengths)."""
     if (scaling or {}).get("rope_type", "default") not in _YARN_TYPES:
         return 1.0
     if scaling.get("attention_factor") is not None:
