@@ -1,12 +1,13 @@
-"""Quick GPU comparison of the kernels' alternative strategies, in one process (~40 s).
+"""Quick GPU comparison of the kernels' alternative strategies, in one process (~60 s).
 
     python -m bench.tune [--out FILE.json]
 
 For the norm kernels (T = 64 and 16384): the shared-memory stage (rows staged once with
 cp.async), no stage (rows read twice from global memory, the second read from L2;
 ``torch.ops.eagle3._norm_stage_limit(0)``) and registers (each thread keeps its vectors
-of the row in registers; ``torch.ops.eagle3._norm_registers(1)``). For the fc: the decode kernel against
-rms_norm_cat + cuBLAS at T = 1..8, selected with ``torch.ops.eagle3._fc_decode_max_tokens``.
+of the row in registers; ``torch.ops.eagle3._norm_registers(1)``). For the fc: the decode
+kernel (T <= 8), the tensor-core kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1, 2, 8,
+16, 64, selected with ``torch.ops.eagle3._fc_decode_max_tokens`` / ``_fc_mma_max_tokens``.
 Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
 beside the copy bandwidth measured in the same run and the variant's error against float64.
 The defaults in csrc/ are chosen from these tables.
@@ -60,12 +61,14 @@ def main() -> None:
     default_stage = OPS._norm_stage_limit(-1)
     default_decode = OPS._fc_decode_max_tokens(-1)
     default_regs = OPS._norm_registers(-1)
+    default_mma = OPS._fc_mma_max_tokens(-1)
     try:
         _sweep(measure)
     finally:
         OPS._norm_stage_limit(default_stage)
         OPS._fc_decode_max_tokens(default_decode)
         OPS._norm_registers(default_regs)
+        OPS._fc_mma_max_tokens(default_mma)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy,
@@ -84,12 +87,17 @@ def _sweep(measure) -> None:
                 measure(case, name)
     OPS._norm_stage_limit(default_stage)
     OPS._norm_registers(default_regs)
+    default_mma = OPS._fc_mma_max_tokens(-1)
     for H in (4096, 7168):
-        for T in (1, 2, 4, 8):
+        for T in (1, 2, 8, 16, 64):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
-            for name, limit in (("decode", 8), ("norm_cat+cuBLAS", 0)):
-                OPS._fc_decode_max_tokens(limit)
+            variants = [("decode", 8, 0)] if T <= 8 else []
+            variants += [("mma", 0, 64)] if T >= 2 else []
+            for name, decode, mma in variants + [("norm_cat+cuBLAS", 0, 0)]:
+                OPS._fc_decode_max_tokens(decode)
+                OPS._fc_mma_max_tokens(mma)
                 measure(case, name)
+    OPS._fc_mma_max_tokens(default_mma)
 
 
 if __name__ == "__main__":

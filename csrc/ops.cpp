@@ -59,7 +59,7 @@ at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tens
 
 const Backend kCpu{&cpu::norm_cat, &cpu::fused_add, nullptr};
 #ifdef EAGLE3_WITH_CUDA
-const Backend kCuda{&cuda::launch_norm_cat, &cuda::launch_fused_add, &cuda::launch_fc_decode};
+const Backend kCuda{&cuda::launch_norm_cat, &cuda::launch_fused_add, &cuda::launch_fc_direct};
 #endif
 
 }  // namespace
@@ -93,6 +93,10 @@ at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at:
 int64_t fc_decode_max_tokens(int64_t value) {
   TORCH_CHECK_VALUE(value >= -1 && value <= 8, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got ", value);
   return cuda::fc_decode_max_tokens(value);
+}
+int64_t fc_mma_max_tokens(int64_t value) {
+  TORCH_CHECK_VALUE(value >= -1 && value <= 64, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got ", value);
+  return cuda::fc_mma_max_tokens(value);
 }
 #endif
 

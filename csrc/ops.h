@@ -39,6 +39,8 @@ at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at:
                                     const std::string& norm);
 // The _fc_decode_max_tokens op: checks value, then cuda::fc_decode_max_tokens (launchers.h).
 int64_t fc_decode_max_tokens(int64_t value);
+// The _fc_mma_max_tokens op: checks value, then cuda::fc_mma_max_tokens (launchers.h).
+int64_t fc_mma_max_tokens(int64_t value);
 #endif
 
 }  // namespace eagle3

@@ -25,6 +25,16 @@ TORCH_LIBRARY(eagle3, m) {
     return 0;
 #endif
   });
+  // Largest T served by the tensor-core fc kernel (0..64; 0, the default, disables it);
+  // sets it and returns the previous value, -1 only queries.
+  m.def("_fc_mma_max_tokens(int value=-1) -> int", [](int64_t value) -> int64_t {
+#ifdef EAGLE3_WITH_CUDA
+    return eagle3::fc_mma_max_tokens(value);
+#else
+    TORCH_CHECK_VALUE(value >= -1 && value <= 64, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got ", value);
+    return 0;
+#endif
+  });
   // Largest shared-memory stage per block of the CUDA norm kernels, in bytes (0: never
   // stage; rows are then read twice from global memory); sets it and returns the previous
   // value, -1 only queries. For benchmarks that compare the two strategies.

@@ -633,3 +633,54 @@ def test_strategy_switches_validate_their_argument():
         torch.ops.eagle3._norm_registers(2)
     with pytest.raises(ValueError, match="_norm_stage_limit: value must be -1"):
         torch.ops.eagle3._norm_stage_limit(-2)
+
+
+# ---- the fc's tensor-core kernel (T = 2..64, bf16 / fp16) ----------------------------------
+
+
+@pytest.fixture
+def mma_up_to_64():
+    """Route 2 <= T <= 64 through the fc's CUDA tensor-core kernel (off by default until
+    measured); restores the previous setting. A no-op for the CPU kernels."""
+    op = torch.ops.eagle3._fc_mma_max_tokens
+    prev = op(64)
+    assert op(-1) == 64
+    try:
+        yield
+    finally:
+        op(prev)
+
+
+MMA_WIDTHS = {"K1-64": [64], "K2-96-32": [96, 32], "K3-1024": [1024] * 3, "K5-32": [32] * 5,
+              "K3-odd": [1024, 769, 64]}  # 769: not a multiple of 32, the pair serves it
+
+
+@pytest.mark.parametrize("N", [1, 40, 129])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("widths", [pytest.param(w, id=k) for k, w in MMA_WIDTHS.items()])
+@pytest.mark.parametrize("T", [2, 7, 8, 9, 16, 17, 32, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_rms_norm_cat_linear_mma(device, seed, mma_up_to_64, dtype, T, widths, norm, N):
+    """Every token-tile size of the tensor-core kernel (T = 2..64: 1, 2, 4, 8 tiles of 8,
+    partial tiles), ragged N, chunk offsets inside k-blocks of 32; fp32 and widths that
+    are not multiples of 32 take the other paths."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split" if T % 2 else "contig", T, widths, dtype)
+    w = rng.linear_weight(N, sum(widths), dtype)
+    check_linear(device, xs, bases, w, EPS, norm, (T,))
+
+
+@pytest.mark.parametrize("norm", ["chunk", "shared", "none"])
+@pytest.mark.parametrize("T", [2, 24, 64])
+@pytest.mark.parametrize("H", [4096, 7168])
+def test_rms_norm_cat_linear_mma_real_fc(device, seed, mma_up_to_64, H, T, norm):
+    """The real fc (K = 3, bf16, N = H) through the tensor-core kernel."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", T, [H] * 3, torch.bfloat16)
+    w = rng.linear_weight(H, 3 * H, torch.bfloat16)
+    check_linear(device, xs, bases, w, EPS, norm, (T,))
+
+
+def test_fc_mma_switch_validates_its_argument():
+    with pytest.raises(ValueError, match="_fc_mma_max_tokens: value must be -1 \\(query\\) or 0..64, got 65"):
+        torch.ops.eagle3._fc_mma_max_tokens(65)

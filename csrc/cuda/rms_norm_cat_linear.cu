@@ -7,6 +7,8 @@
 //    squares; at the chunk's end it applies r_k = rsqrt(mean(x_k^2) + eps) to the fp32
 //    partial (the identity of DESIGN.md section 2, item 3). The normalised concatenation
 //    never exists in memory.
+//  * T <= fc_mma_max_tokens (off by default until measured): the tensor-core kernel of
+//    fc_mma.cu (per-token chunk scales, then mma.sync over the streamed weight).
 //  * otherwise: the rms_norm_cat kernel writes the normalised concatenation once and one
 //    cuBLAS GEMM (through ATen) applies the fc — the pair a tensor-core kernel must beat
 //    before it takes over at prefill sizes.
@@ -152,6 +154,10 @@ bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, N
     else launch(fc_decode_kernel<scalar_t, 8>);
   });
   return ok;
+}
+
+bool launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  return launch_fc_decode(c, weight, eps, mode, out) || launch_fc_mma(c, weight, eps, mode, out);
 }
 
 int64_t fc_decode_max_tokens(int64_t value) {

@@ -1,0 +1,287 @@
+// rms_norm_cat_linear on CUDA with tensor cores, for the decode range (2 <= T <= 64): the
+// weight streams once through mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate) while
+// the normalised concatenation exists only in registers.
+//
+// Two launches:
+//  1. fc_row_scales_kernel: per token, the scale of each chunk (chunk: rsqrt(mean(x_k^2) +
+//     eps); shared: one rsqrt over the whole row, repeated per chunk; none: 1) -> fp32
+//     [T, K] workspace. T x K floats: nothing next to the weight stream.
+//  2. fc_mma_kernel: a block of kWarps warps owns 16 x MT output features (rows of the
+//     folded weight) and every token. The weight is the mma's A operand, the tokens its B
+//     operand (8 per n-tile, NT tiles). Warp w takes the 32-wide k-blocks w, w + kWarps, ...
+//     of the concatenated input (a k-block never straddles a chunk: every chunk width is a
+//     multiple of 32), so all warps of the block stream disjoint parts of the same weight
+//     rows; U k-blocks of loads are issued before any is used. The B operand is
+//     x * scale rounded to the input dtype -- the value rms_norm_cat would have written --
+//     so the result matches "rms_norm_cat + GEMM" up to the order of the fp32 sums. The
+//     warps' partial sums meet in shared memory (fp32 atomics), and the block writes its
+//     16 x MT x T outputs.
+//
+// Register layout trick: within a k-block each thread loads 16 contiguous bytes per weight
+// row (and per token): physical k = 8 * tig + 0..7 (tig = lane % 4). The mma's fragments
+// hold logical k = 2 * tig + {0, 1} and 2 * tig + {8, 9} of each 16-wide step; mapping
+// logical -> physical as 8 * tig + 4 * step + {0, 1} and 8 * tig + 4 * step + {2, 3} is a
+// bijection of the k-block applied identically to A and B, so the dot products are those of
+// the unpermuted matrices, and every global load stays 16 bytes wide.
+#include "cuda/common.cuh"
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <type_traits>
+
+namespace eagle3::cuda {
+namespace {
+
+constexpr int kWarps = 8;     // warps per block (split over k)
+constexpr int kKBlock = 32;   // k per block step (two m16n8k16 steps)
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__nv_bfloat16> {
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaType<__half> {
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// A 16-byte load that skips L1 (the weight is streamed once).
+__device__ __forceinline__ uint4 load_weight16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Per token: the scale of every chunk, written to scales[t * num_chunks + k].
+template <typename T>
+__global__ void __launch_bounds__(256)
+fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks, float* __restrict__ scales,
+                     const int64_t num_rows, const int total, const float eps, const int mode) {
+  constexpr int V = Vec<T>::N;
+  __shared__ float warp_sums[kMaxChunks][8];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t t = blockIdx.x; t < num_rows; t += gridDim.x) {
+    for (int k = 0; k < num_chunks; ++k) {
+      const ChunkDesc& c = tab.c[k];
+      const T* src = static_cast<const T*>(c.x) + t * c.x_stride;
+      float ss = 0.f;
+      for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V) {  // vec: checked by the launcher
+        const Vec<T> v = load_vec(src + i);
+#pragma unroll
+        for (int e = 0; e < V; ++e) { const float f = to_float(v.v[e]); ss += f * f; }
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) warp_sums[k][warp] = ss;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float all = 0.f;
+      for (int k = 0; k < num_chunks; ++k) {
+        float s = 0.f;
+        for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += warp_sums[k][w];
+        all += s;
+        scales[t * num_chunks + k] = mode == static_cast<int>(NormMode::kChunk)
+                                         ? rsqrtf(s / static_cast<float>(tab.c[k].width) + eps) : 1.f;
+      }
+      if (mode == static_cast<int>(NormMode::kShared)) {
+        const float r = rsqrtf(all / static_cast<float>(total) + eps);
+        for (int k = 0; k < num_chunks; ++k) scales[t * num_chunks + k] = r;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// 8 values of x (one 16-byte load) times `scale`, rounded to T, as 4 packed pairs.
+template <typename T>
+__device__ __forceinline__ uint4 scale_pack(const uint4 raw, const float scale) {
+  const Vec<T>& x = *reinterpret_cast<const Vec<T>*>(&raw);
+  Vec<T> y;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) y.v[e] = from_float<T>(to_float(x.v[e]) * scale);
+  return *reinterpret_cast<const uint4*>(&y);
+}
+
+// MT m-tiles (16 features each) per block, NT n-tiles (8 tokens each), U k-blocks of loads
+// in flight per warp.
+template <typename T, int MT, int NT, int U>
+__global__ void __launch_bounds__(kWarps * 32)
+fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
+              const T* __restrict__ weight,  // [N, total], rows contiguous
+              const int64_t n_out, const int total,
+              const float* __restrict__ scales,  // [T, num_chunks]
+              T* __restrict__ out,               // [T, N] contiguous
+              const int num_tokens) {
+  static_assert(sizeof(T) == 2, "bf16 / fp16 only");
+  constexpr int ROWS = 16 * MT, TOKS = 8 * NT;
+  __shared__ float acc_smem[ROWS][TOKS + 1];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, tig = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * ROWS;
+
+  for (int i = threadIdx.x; i < ROWS * (TOKS + 1); i += blockDim.x) (&acc_smem[0][0])[i] = 0.f;
+
+  // This thread's weight rows (clamped: rows past N are computed and never written).
+  const T* wrow[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wrow[m][h] = weight + std::min<int64_t>(n0 + 16 * m + g + 8 * h, n_out - 1) * total;
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[m][j][q] = 0.f;
+
+  const int num_kb = total / kKBlock;
+  for (int kb0 = warp; kb0 < num_kb; kb0 += kWarps * U) {
+    uint4 wv[U][MT][2];
+    uint4 xv[U][NT];
+    // Loads of U k-blocks first: the weight (the stream), then the tokens' x.
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kb = kb0 + u * kWarps;
+      if (kb < num_kb) {
+        const int kcol = kb * kKBlock + 8 * tig;
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) wv[u][m][h] = load_weight16(wrow[m][h] + kcol);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kb = kb0 + u * kWarps;
+      if (kb < num_kb) {
+        const int k0 = kb * kKBlock;
+        int ck = 0;
+        while (ck + 1 < num_chunks && k0 >= tab.c[ck + 1].out_off) ++ck;
+        const ChunkDesc& c = tab.c[ck];
+        const T* xk = static_cast<const T*>(c.x) + (k0 - c.out_off) + 8 * tig;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int t = 8 * j + g;
+          if (t < num_tokens) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(xk + static_cast<int64_t>(t) * c.x_stride);
+            xv[u][j] = scale_pack<T>(raw, __ldg(scales + t * num_chunks + ck));
+          } else {
+            xv[u][j] = make_uint4(0u, 0u, 0u, 0u);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (kb0 + u * kWarps < num_kb) {
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&wv[u][m][0]);
+            const uint32_t* w8 = reinterpret_cast<const uint32_t*>(&wv[u][m][1]);
+            const uint32_t a[4] = {w0[2 * s], w8[2 * s], w0[2 * s + 1], w8[2 * s + 1]};
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+              const uint32_t* b = reinterpret_cast<const uint32_t*>(&xv[u][j]);
+              MmaType<T>::mma(acc[m][j], a, b[2 * s], b[2 * s + 1]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  __syncthreads();  // acc_smem zeroed
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int row = 16 * m + g + 8 * (q / 2), tok = 8 * j + 2 * tig + (q % 2);
+        atomicAdd(&acc_smem[row][tok], acc[m][j][q]);
+      }
+  __syncthreads();
+  for (int i = threadIdx.x; i < ROWS * num_tokens; i += blockDim.x) {
+    const int tok = i / ROWS, row = i % ROWS;  // consecutive threads: consecutive features
+    if (n0 + row < n_out) out[static_cast<int64_t>(tok) * n_out + n0 + row] = from_float<T>(acc_smem[row][tok]);
+  }
+}
+
+// Largest T served by the tensor-core kernel (0: off; the op's setter takes 0..64). Off
+// until a GPU run has measured it against rms_norm_cat + cuBLAS (python -m bench.tune).
+std::atomic<int64_t> g_mma_max_tokens{0};
+constexpr int64_t kMmaMaxTokens = 64;
+
+template <typename T>
+bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  const int64_t rows = c.num_rows, N = weight.size(0);
+  const int num_chunks = static_cast<int>(c.rows.size());
+  ChunkTable tab{};
+  for (int k = 0; k < num_chunks; ++k) {
+    const at::Tensor& x = c.rows[k];
+    if (!aligned16(x.data_ptr()) || x.stride(0) % 8 != 0 || c.widths[k] % kKBlock != 0) return false;
+    tab.c[k] = ChunkDesc{x.data_ptr(), nullptr, x.stride(0), static_cast<int32_t>(c.widths[k]),
+                         static_cast<int32_t>(c.offsets[k]), 0, 1, kNoWeight};
+  }
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.get_device());
+  at::Tensor scales = at::empty({rows, num_chunks}, weight.options().dtype(at::kFloat));
+  fc_row_scales_kernel<T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
+      tab, num_chunks, scales.data_ptr<float>(), rows, static_cast<int>(c.total_width), eps, static_cast<int>(mode));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto launch = [&](auto kernel, int features) {
+    const unsigned grid = static_cast<unsigned>((N + features - 1) / features);
+    kernel<<<grid, kWarps * 32, 0, stream>>>(tab, num_chunks, static_cast<const T*>(weight.data_ptr()), N,
+                                             static_cast<int>(c.total_width), scales.data_ptr<float>(),
+                                             static_cast<T*>(out.data_ptr()), static_cast<int>(rows));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  // Registers per thread ~ U (4 MT + 4 NT) + 4 MT NT: the larger token tiles trade
+  // loads in flight for accumulators.
+  if (rows <= 8) launch(fc_mma_kernel<T, 1, 1, 4>, 16);
+  else if (rows <= 16) launch(fc_mma_kernel<T, 1, 2, 4>, 16);
+  else if (rows <= 32) launch(fc_mma_kernel<T, 2, 4, 2>, 32);
+  else launch(fc_mma_kernel<T, 2, 8, 2>, 32);
+  return true;
+}
+
+}  // namespace
+
+bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  const int64_t T = c.num_rows, N = weight.size(0);
+  if (T < 1 || N < 1 || T > std::min(g_mma_max_tokens.load(std::memory_order_relaxed), kMmaMaxTokens)) return false;
+  if (c.rows.size() > static_cast<size_t>(kMaxChunks) || N > INT32_MAX) return false;
+  if (weight.stride(1) != 1 || weight.stride(0) != c.total_width || !aligned16(weight.data_ptr())) return false;
+  if (!aligned16(out.data_ptr())) return false;
+  const at::ScalarType dt = c.rows[0].scalar_type();
+  if (dt == at::kBFloat16) return launch_typed<__nv_bfloat16>(c, weight, eps, mode, out);
+  if (dt == at::kHalf) return launch_typed<__half>(c, weight, eps, mode, out);
+  return false;  // fp32: rms_norm_cat + GEMM
+}
+
+int64_t fc_mma_max_tokens(int64_t value) {
+  if (value < 0) return g_mma_max_tokens.load();
+  return g_mma_max_tokens.exchange(value);
+}
+
+}  // namespace eagle3::cuda
