@@ -450,3 +450,42 @@ def test_forward_input_errors(seed):
         m(ids, pos, h)
     with pytest.raises(RuntimeError, match="lm_head.weight was not in the checkpoint"):
         m.compute_logits(h)
+
+
+def test_kv_cache_storage_grows_in_place_and_checks_shapes():
+    """Appends write into doubling storage (no copy of the whole cache per step), growth
+    keeps every cached position, crop + append overwrites, reserve pre-sizes, and a tensor
+    of another batch / width / dtype is refused with the shapes named."""
+    c = enn.DrafterKVCache()
+    c.reserve(10)
+    assert c.capacity == 10 and c.seq_len == 0
+    ks, vs = [], []
+    for step in range(40):
+        S = 7 if step == 0 else 1 + step % 3
+        k, v = torch.randn(2, 3, S, 4), torch.randn(2, 3, S, 5)
+        ks.append(k)
+        vs.append(v)
+        K, V = c.update(0, k, v)
+        c.update(1, k * 2, v * 2)
+        torch.testing.assert_close(K, torch.cat(ks, 2), rtol=0, atol=0)
+        torch.testing.assert_close(V, torch.cat(vs, 2), rtol=0, atol=0)
+        torch.testing.assert_close(c.values[1], 2 * torch.cat(vs, 2), rtol=0, atol=0)
+    total = c.seq_len
+    assert total == sum(k.shape[2] for k in ks) and c.capacity >= total
+    cap = c.capacity
+    c.crop(5)
+    assert c.seq_len == 5 and [k.shape[2] for k in c.keys] == [5, 5]
+    k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 5)
+    K, _ = c.update(0, k, v)
+    torch.testing.assert_close(K, torch.cat([torch.cat(ks, 2)[:, :, :5], k], 2), rtol=0, atol=0)
+    assert c.capacity == cap  # no reallocation for positions already held
+    with pytest.raises(ValueError, match=r"layer 1 keys are \[B, heads, S, width\] = \[2, 3, 'S', 4\]"):
+        c.update(1, torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 5))
+    with pytest.raises(ValueError, match="torch.float64"):
+        c.update(0, torch.randn(2, 3, 1, 4, dtype=torch.float64), torch.randn(2, 3, 1, 5))
+    with pytest.raises(IndexError, match="layer 3 updated before layer 2"):
+        c.update(3, k, v)
+    with pytest.raises(ValueError, match=r"crop: length must be in \[0, 7\]"):
+        c.crop(8)
+    c.reset()
+    assert c.seq_len == 0 and c.keys == []

@@ -39,35 +39,88 @@ class DrafterKVCache:
     token after a prefill: keys and values (Llama attention), or the normalised latent and
     the rotated shared key (multi-head latent attention). Pass the same object to every
     drafter ``forward`` call of one sequence (batch); ``crop(n)`` rolls it back to its first
-    n positions (e.g. after the target rejected drafted tokens)."""
+    n positions (e.g. after the target rejected drafted tokens).
+
+    Storage grows by doubling (64 positions of headroom at the first call, or ``reserve(n)``
+    up front), so a drafting step writes its new positions in place instead of copying the
+    whole cache. ``keys`` / ``values`` (and what ``update`` returns) are views of that
+    storage: positions a later ``crop`` gives up are overwritten by the next ``update``."""
 
     def __init__(self):
-        self.keys: list = []
-        self.values: list = []
+        self._k: list = []
+        self._v: list = []
+        self._len: list = []
+        self._reserve = 0
+
+    @property
+    def keys(self) -> list:
+        return [k[:, :, :n] for k, n in zip(self._k, self._len)]
+
+    @property
+    def values(self) -> list:
+        return [v[:, :, :n] for v, n in zip(self._v, self._len)]
 
     @property
     def seq_len(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        return self._len[0] if self._len else 0
+
+    @property
+    def capacity(self) -> int:
+        """Positions held without reallocating."""
+        return self._k[0].shape[2] if self._k else self._reserve
+
+    def reserve(self, positions: int) -> None:
+        """Room for ``positions`` positions (allocated at the first update if empty)."""
+        if positions < 0:
+            raise ValueError(f"DrafterKVCache.reserve: positions must be >= 0, got {positions}")
+        self._reserve = max(self._reserve, positions)
+        for layer in range(len(self._k)):
+            self._grow(layer, positions)
+
+    def _grow(self, layer: int, needed: int) -> None:
+        k, v = self._k[layer], self._v[layer]
+        if needed <= k.shape[2]:
+            return
+        cap = max(needed, 2 * k.shape[2])
+        n = self._len[layer]
+        nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+        nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+        nk[:, :, :n] = k[:, :, :n]
+        nv[:, :, :n] = v[:, :, :n]
+        self._k[layer], self._v[layer] = nk, nv
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        elif layer < len(self.keys):
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        else:
-            raise IndexError(f"DrafterKVCache: layer {layer} updated before layer {len(self.keys)}")
-        return self.keys[layer], self.values[layer]
+        """Append ``k`` / ``v`` ``[B, heads, S, width]`` to ``layer``; returns everything
+        cached for it (views)."""
+        S = k.shape[2]
+        if layer == len(self._k):
+            cap = max(S + 64, self._reserve)
+            self._k.append(k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3]))
+            self._v.append(v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3]))
+            self._len.append(0)
+        elif layer > len(self._k):
+            raise IndexError(f"DrafterKVCache: layer {layer} updated before layer {len(self._k)}")
+        buf_k, buf_v = self._k[layer], self._v[layer]
+        for name, new, buf in (("keys", k, buf_k), ("values", v, buf_v)):
+            if (new.shape[0], new.shape[1], new.shape[3]) != (buf.shape[0], buf.shape[1], buf.shape[3]) or \
+                    new.dtype != buf.dtype or new.device != buf.device:
+                raise ValueError(f"DrafterKVCache: layer {layer} {name} are [B, heads, S, width] = "
+                                 f"{list(buf.shape[:2]) + ['S', buf.shape[3]]} {buf.dtype} on {buf.device}; got "
+                                 f"{list(new.shape)} {new.dtype} on {new.device} (one cache per sequence batch)")
+        n = self._len[layer]
+        self._grow(layer, n + S)
+        self._k[layer][:, :, n:n + S] = k
+        self._v[layer][:, :, n:n + S] = v
+        self._len[layer] = n + S
+        return self._k[layer][:, :, :n + S], self._v[layer][:, :, :n + S]
 
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.seq_len:
             raise ValueError(f"DrafterKVCache.crop: length must be in [0, {self.seq_len}], got {length}")
-        self.keys = [k[:, :, :length] for k in self.keys]
-        self.values = [v[:, :, :length] for v in self.values]
+        self._len = [min(n, length) for n in self._len]
 
     def reset(self) -> None:
-        self.keys, self.values = [], []
+        self._k, self._v, self._len = [], [], []
 
 
 class Eagle3MLP(nn.Module):
