@@ -655,10 +655,10 @@ MMA_WIDTHS = {"K1-64": [64], "K2-96-32": [96, 32], "K3-1024": [1024] * 3, "K5-32
               "K3-odd": [1024, 769, 64]}  # 769: not a multiple of 32, the pair serves it
 
 
-@pytest.mark.parametrize("N", [1, 40, 129])
+@pytest.mark.parametrize("N", [1, 129])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("widths", [pytest.param(w, id=k) for k, w in MMA_WIDTHS.items()])
-@pytest.mark.parametrize("T", [2, 7, 8, 9, 16, 17, 32, 33, 64])
+@pytest.mark.parametrize("T", [2, 8, 9, 17, 33, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_rms_norm_cat_linear_mma(device, seed, mma_up_to_64, dtype, T, widths, norm, N):
     """Every token-tile size of the tensor-core kernel (T = 2..64: 1, 2, 4, 8 tiles of 8,
