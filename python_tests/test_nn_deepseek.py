@@ -644,3 +644,62 @@ def test_yarn_matches_transformers(scaling):
     ours = {**scaling, "rope_type": "yarn"}
     torch.testing.assert_close(rope_inverse_frequencies(64, theta, ours), inv_hf.double(), rtol=1e-6, atol=0)
     assert rope_attention_factor(ours) == pytest.approx(factor_hf, rel=1e-12)
+
+
+def test_long_chunk_after_a_prefill_expands_and_matches(seed):
+    """Appending many positions to a short cache expands the latents (L > S, a causal mask
+    offset by the past) instead of absorbing; both choices equal the full forward."""
+    cfg = mla_config(norm="fc_norm", layers=2, rope="yarn")
+    m = _build(cfg, seed, torch.float32)
+    attn = m.layers[0].self_attn
+    assert attn._absorb(1, 45) and attn._absorb(8, 45) and not attn._absorb(40, 45)
+    kimi = enn.Eagle3DeepseekDrafter(C_KIMI, device="meta").layers[0].self_attn
+    assert kimi._absorb(1, 8192) and kimi._absorb(64, 8192) and not kimi._absorb(2048, 2100)
+    ids, pos, h = inputs(seed, 46, H, torch.float32, start=3)
+    cache = enn.DrafterKVCache()
+    with torch.no_grad():
+        full, _ = m(ids, pos, h)
+        parts = [m(ids[a:b], pos[a:b], h[a:b], cache)[0] for a, b in ((0, 5), (5, 45), (45, 46))]
+    torch.testing.assert_close(torch.cat(parts), full, rtol=2e-5, atol=2e-5)
+
+
+def test_expanded_attention_with_a_past_equals_absorbed(seed):
+    cfg = mla_config(rope="yarn")
+    m = _build(cfg, seed, torch.float64)
+    attn = m.layers[0].self_attn
+    rng = Rng(seed)
+    q_nope, q_rot = rng.randn((2, HEADS, 4, 16), torch.float64), rng.randn((2, HEADS, 4, 8), torch.float64)
+    latent, k_rot = rng.randn((2, 1, 9, 32), torch.float64), rng.randn((2, 1, 9, 8), torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn._expanded(q_nope, q_rot, latent, k_rot),
+                                   attn._absorbed(q_nope, q_rot, latent, k_rot), rtol=1e-12, atol=1e-12)
+
+
+C_KIMI = {
+    "architectures": ["Eagle3DeepseekV2ForCausalLM"], "hidden_size": 7168, "intermediate_size": 18432,
+    "num_attention_heads": 64, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 1024, "num_hidden_layers": 1,
+}
+
+
+def test_q_lora_norm_and_projection_run_as_one_op_and_stay_differentiable(seed, monkeypatch):
+    """Under no_grad, q_a_layernorm + q_b_proj is one rms_norm_cat_linear call per layer
+    (plus the combine's); with autograd on, the composition is differentiable end to end."""
+    from eagle3_ops.nn import combine  # noqa: PLC0415
+    cfg = mla_config(norm="fc_norm", layers=2)
+    m = _build(cfg, seed, torch.float32)
+    calls = []
+    real = combine.ops.rms_norm_cat_linear
+    monkeypatch.setattr(combine.ops, "rms_norm_cat_linear", lambda *a: calls.append(a[3]) or real(*a))
+    ids, pos, h = inputs(seed, 5, H, torch.float32)
+    aux = Rng(seed).randn((5, 3 * TARGET_HIDDEN[3]), torch.float32)
+    with torch.no_grad():
+        want, _ = m(ids, pos, m.combine_hidden_states(aux))
+    assert calls == ["chunk"] * 3  # the combine (fc_norm) + one per layer
+    calls.clear()
+    out, _ = m(ids, pos, m.combine_hidden_states(aux))
+    assert calls == [] and out.requires_grad
+    out.square().sum().backward()
+    assert m.layers[0].self_attn.q_b_proj.weight.grad is not None
+    assert m.layers[0].self_attn.q_a_layernorm.weight.grad is not None
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,9 @@ and the rotated shared key per position (``kv_lora_rank + qk_rope_head_dim`` val
 ``heads x (qk_head_dim + v_head_dim)``). A call with no cached past (a prefill) expands
 the latent through ``kv_b_proj``; a call that attends to cached positions (drafting)
 absorbs ``kv_b_proj`` into the query and the output instead (scores against the latent
-directly), so a step never re-expands the whole cache.
+directly), so a step never re-expands the whole cache -- unless it brings so many new
+positions that expanding costs fewer multiply-adds (``_absorb``). With a q LoRA,
+``q_a_layernorm`` and ``q_b_proj`` run as one ``rms_norm_cat_linear``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .combine import FoldedWeightCache, combine_aux
 from .drafter import DrafterKVCache, Eagle3Drafter
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, yarn_mscale
@@ -85,6 +88,7 @@ class Eagle3MLAttention(nn.Module):
             self.q_a_proj = nn.Linear(in_features, m.q_lora_rank, bias=bias, **fk)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, c.rms_norm_eps, **fk)
             self.q_b_proj = nn.Linear(m.q_lora_rank, h * m.qk_head_dim, bias=False, **fk)
+            self._q_folded = FoldedWeightCache()  # q_b_proj.weight * q_a_layernorm.weight
         self.kv_a_proj_with_mqa = nn.Linear(in_features, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias, **fk)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, c.rms_norm_eps, **fk)
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False, **fk)
@@ -97,9 +101,24 @@ class Eagle3MLAttention(nn.Module):
         return RotaryEmbedding.apply(x, cos, sin)
 
     def _queries(self, x: Tensor) -> Tensor:
+        """``q_proj(x)``, or ``q_b_proj(q_a_layernorm(q_a_proj(x)))`` with the norm and
+        q_b_proj as one ``rms_norm_cat_linear`` (the norm weight folded into q_b_proj's)."""
         if self.q_lora_rank is None:
             return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        norm = self.q_a_layernorm
+        return combine_aux(self.q_a_proj(x), self.q_b_proj.weight, "chunk", [norm.weight], norm.variance_epsilon,
+                           1, self.q_lora_rank, self._q_folded)
+
+    def _absorb(self, S: int, L: int) -> bool:
+        """Attend in the latent space for S queries against L > S positions when that costs
+        fewer multiply-adds than expanding the L latents through kv_b_proj: absorbed,
+        S L h (2 r + d_rope) + S h d_nope r + S h r d_v; expanded, L r h (d_nope + d_v) +
+        S L h (d_nope + d_rope + d_v). Drafting steps (S of 1 to a few dozen) absorb;
+        long chunks appended to a short cache expand."""
+        h, r, dn, dr, dv = self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        absorbed = S * L * h * (2 * r + dr) + S * h * r * (dn + dv)
+        expanded = L * r * h * (dn + dv) + S * L * h * (dn + dr + dv)
+        return absorbed < expanded
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[DrafterKVCache] = None) -> Tensor:
         B, S, _ = x.shape
@@ -115,20 +134,24 @@ class Eagle3MLAttention(nn.Module):
         L = latent.shape[2]
         if S == 0:
             o = q.new_zeros(B, h, 0, self.v_head_dim)
-        elif L == S:
-            o = self._expanded(q_nope, q_rot, latent, k_rot)
-        else:
+        elif L > S and self._absorb(S, L):
             o = self._absorbed(q_nope, q_rot, latent, k_rot)
+        else:
+            o = self._expanded(q_nope, q_rot, latent, k_rot)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, h * self.v_head_dim))
 
     def _expanded(self, q_nope: Tensor, q_rot: Tensor, latent: Tensor, k_rot: Tensor) -> Tensor:
-        """No cached past: keys and values of every head from ``kv_b_proj(latent)``."""
+        """Keys and values of every head from ``kv_b_proj(latent)`` for all L positions; the
+        S queries are the last S of them."""
         B, h, S, _ = q_nope.shape
-        kv = self.kv_b_proj(latent[:, 0]).view(B, S, h, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+        L = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, L, h, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rot], dim=-1)
-        k = torch.cat([k_nope, k_rot.expand(B, h, S, self.qk_rope_head_dim)], dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        k = torch.cat([k_nope, k_rot.expand(B, h, L, self.qk_rope_head_dim)], dim=-1)
+        if L == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(S, L, q.device), scale=self.softmax_scale)
 
     def _absorbed(self, q_nope: Tensor, q_rot: Tensor, latent: Tensor, k_rot: Tensor) -> Tensor:
         """Queries against L cached positions: ``q_nope . k_nope = (q_nope W_uk) . latent`` and
