@@ -32,7 +32,7 @@ from eagle3_ops.config import MLAConfig, resolve
 from eagle3_ops.nn import reference_modules as R
 from eagle3_ops.nn.rope import RotaryEmbedding
 from numerics import Rng
-from test_nn_helpers import H, HEADS, TARGET_HIDDEN, VOCAB, check, inputs, one_thread, randomize_, tiny_config  # noqa: F401
+from test_nn_helpers import HFDrafterWiring, H, HEADS, TARGET_HIDDEN, VOCAB, check, inputs, one_thread, randomize_, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +104,7 @@ def _config_eps(attn, eps):
             norm.variance_epsilon = eps
 
 
-class HFDeepseekDrafter(nn.Module):
+class HFDeepseekDrafter(HFDrafterWiring, nn.Module):
     """The EAGLE-3 drafter from transformers' DeepSeek-V3 parts (see the module docstring)."""
 
     def __init__(self, config):
@@ -137,33 +137,6 @@ class HFDeepseekDrafter(nn.Module):
             _config_eps(layer.self_attn, eps)
         self.norm = D.DeepseekV3RMSNorm(H_, eps=eps)
         self.rotary_emb = D.DeepseekV3RotaryEmbedding(dc)
-
-    def combine(self, aux):
-        if hasattr(self, "input_norm"):
-            aux = self.input_norm(aux)
-        if hasattr(self, "fc_norm"):
-            aux = torch.cat([n(a) for n, a in zip(self.fc_norm, aux.split(self.c.target_hidden_size, dim=-1))], -1)
-        return self.fc(aux)
-
-    def forward(self, ids, pos, h):
-        flat = ids.dim() == 1
-        if flat:
-            ids, pos, h = ids[None], pos[None], h[None]
-        S = ids.shape[1]
-        mask = torch.full((S, S), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)[None, None]
-        cos_sin = self.rotary_emb(h, pos)
-        first = self.layers[0]
-        hn = first.hidden_norm(h)
-        x = torch.cat([first.input_layernorm(self.embed_tokens(ids)), hn], dim=-1)
-        residual = hn if self.c.norm_before_residual else h
-        a, _ = first.self_attn(x, position_embeddings=cos_sin, attention_mask=mask)
-        r = residual + a
-        hs = r + first.mlp(first.post_attention_layernorm(r))
-        for layer in self.layers[1:]:
-            hs = layer(hs, attention_mask=mask, position_embeddings=cos_sin)
-        out = self.norm(hs)
-        fed = out if self.c.norm_output else hs
-        return (out[0], fed[0]) if flat else (out, fed)
 
 
 def _hf(cfg, state, dtype):

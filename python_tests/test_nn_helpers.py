@@ -118,3 +118,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class HFDrafterWiring:
+    """DESIGN.md section 1 wired from `transformers` parts (the test_nn_hf / test_nn_deepseek
+    harnesses): ``combine(aux)`` = fc over input_norm / fc_norm; ``forward(ids, pos, h)`` =
+    layer 0 on ``cat([input_layernorm(embeds), hidden_norm(h)])`` with the residual h (or
+    hidden_norm(h)), ordinary decoder layers after it, the final norm. The subclass sets
+    ``c`` (the resolved config), ``embed_tokens``, ``fc``, ``input_norm`` / ``fc_norm``,
+    ``layers`` (layer 0 a container of self_attn / mlp / the three norms), ``norm`` and
+    ``rotary_emb``."""
+
+    def combine(self, aux):
+        if hasattr(self, "input_norm"):
+            aux = self.input_norm(aux)
+        if hasattr(self, "fc_norm"):
+            chunks = aux.split(self.c.target_hidden_size, dim=-1)
+            aux = torch.cat([n(a) for n, a in zip(self.fc_norm, chunks)], dim=-1)
+        return self.fc(aux)
+
+    def forward(self, ids, pos, h):
+        flat = ids.dim() == 1
+        if flat:
+            ids, pos, h = ids[None], pos[None], h[None]
+        S = ids.shape[1]
+        mask = torch.full((S, S), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)[None, None]
+        cos_sin = self.rotary_emb(h, pos)
+        first = self.layers[0]
+        hn = first.hidden_norm(h)
+        x = torch.cat([first.input_layernorm(self.embed_tokens(ids)), hn], dim=-1)
+        residual = hn if self.c.norm_before_residual else h
+        a, _ = first.self_attn(x, position_embeddings=cos_sin, attention_mask=mask)
+        r = residual + a
+        hs = r + first.mlp(first.post_attention_layernorm(r))
+        for layer in self.layers[1:]:
+            hs = layer(hs, attention_mask=mask, position_embeddings=cos_sin)
+        out = self.norm(hs)
+        fed = out if self.c.norm_output else hs
+        return (out[0], fed[0]) if flat else (out, fed)

@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
 from eagle3_ops import nn as enn  # noqa: E402
 from eagle3_ops.config import resolve  # noqa: E402
 from numerics import Rng  # noqa: E402
-from test_nn_helpers import H, TARGET_HIDDEN, check, grid, grid_id, inputs, one_thread, randomize_, tiny_config  # noqa: E402,F401
+from test_nn_helpers import HFDrafterWiring, H, TARGET_HIDDEN, check, grid, grid_id, inputs, one_thread, randomize_, tiny_config  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +70,7 @@ class HFFirstLayer(nn.Module):
         self.hidden_norm = LlamaRMSNorm(lc.hidden_size, eps=lc.rms_norm_eps)
 
 
-class HFEagle3Drafter(nn.Module):
+class HFEagle3Drafter(HFDrafterWiring, nn.Module):
     def __init__(self, config):
         super().__init__()
         c = self.c = resolve(config)
@@ -86,34 +86,6 @@ class HFEagle3Drafter(nn.Module):
                                                           for i in range(1, c.num_hidden_layers)])
         self.norm = LlamaRMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(lc)
-
-    def combine(self, aux):
-        if hasattr(self, "input_norm"):
-            aux = self.input_norm(aux)
-        if hasattr(self, "fc_norm"):
-            chunks = aux.split(self.c.target_hidden_size, dim=-1)
-            aux = torch.cat([n(a) for n, a in zip(self.fc_norm, chunks)], dim=-1)
-        return self.fc(aux)
-
-    def forward(self, ids, pos, h):
-        flat = ids.dim() == 1
-        if flat:
-            ids, pos, h = ids[None], pos[None], h[None]
-        S = ids.shape[1]
-        mask = torch.full((S, S), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)[None, None]
-        cos_sin = self.rotary_emb(h, pos)
-        first = self.layers[0]
-        hn = first.hidden_norm(h)
-        x = torch.cat([first.input_layernorm(self.embed_tokens(ids)), hn], dim=-1)
-        residual = hn if self.c.norm_before_residual else h
-        a, _ = first.self_attn(x, position_embeddings=cos_sin, attention_mask=mask)
-        r = residual + a
-        hs = r + first.mlp(first.post_attention_layernorm(r))
-        for layer in self.layers[1:]:
-            hs = layer(hs, attention_mask=mask, position_embeddings=cos_sin)
-        out = self.norm(hs)
-        fed = out if self.c.norm_output else hs
-        return (out[0], fed[0]) if flat else (out, fed)
 
 
 def _hf(cfg, state, dtype):
