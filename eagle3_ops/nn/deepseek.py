@@ -31,7 +31,6 @@ positions that expanding costs fewer multiply-adds (``_absorb``). With a q LoRA,
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -60,7 +59,7 @@ def mla_softmax_scale(c) -> float:
     return scale
 
 
-def _causal_mask(S: int, L: int, device) -> Optional[Tensor]:
+def _causal_mask(S: int, L: int, device) -> Tensor:
     """Queries at positions L-S..L-1 of an L-long sequence: a boolean ``[S, L]`` mask."""
     rows = torch.arange(L - S, L, device=device)[:, None]
     return rows >= torch.arange(L, device=device)[None, :]
