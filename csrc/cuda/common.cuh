@@ -58,6 +58,19 @@ __device__ __forceinline__ Vec<T> load_vec_ro(const T* p) {
 }
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
+// A 16-byte read-only load that does not allocate in L1, for a weight streamed once (the
+// fc kernels): L1 keeps the activations.
+__device__ __forceinline__ int4 load_weight_stream(const void* p) {
+  int4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint4 bit_cast_u4(const int4 v) {
+  return make_uint4(static_cast<unsigned>(v.x), static_cast<unsigned>(v.y), static_cast<unsigned>(v.z),
+                    static_cast<unsigned>(v.w));
+}
 // Streaming (evict-first) load and store, for data touched once (activations of the
 // register-resident norm kernels), so they do not push the weights out of L1 / L2.
 template <typename T>

@@ -59,15 +59,6 @@ struct MmaType<__half> {
   }
 };
 
-// A 16-byte load that skips L1 (the weight is streamed once).
-__device__ __forceinline__ uint4 load_weight16(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // Per token: the scale of every chunk, written to scales[t * num_chunks + k].
 template <typename T>
 __global__ void __launch_bounds__(256)
@@ -165,7 +156,7 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
 #pragma unroll
         for (int m = 0; m < MT; ++m)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) wv[u][m][h] = load_weight16(wrow[m][h] + kcol);
+          for (int h = 0; h < 2; ++h) wv[u][m][h] = bit_cast_u4(load_weight_stream(wrow[m][h] + kcol));
       }
     }
 #pragma unroll

@@ -25,14 +25,6 @@ constexpr int kDecodeWarps = 8;  // warps per block
 constexpr int kDecodeRows = 2;   // weight rows per warp
 constexpr int kUnroll = 4;       // weight slices in flight per warp
 
-// A 16-byte load that skips L1 (the weight is streamed once; L1 keeps the activations).
-__device__ __forceinline__ int4 load_stream(const void* p) {
-  int4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
 template <typename T, int TT>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
@@ -66,7 +58,7 @@ fc_decode_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
       for (int u = 0; u < kUnroll; ++u) {
         const int j = j0 + u * 32 * V;
 #pragma unroll
-        for (int r = 0; r < R; ++r) raw[u][r] = j < c.width ? load_stream(wrow[r] + c.out_off + j) : int4{0, 0, 0, 0};
+        for (int r = 0; r < R; ++r) raw[u][r] = j < c.width ? load_weight_stream(wrow[r] + c.out_off + j) : int4{0, 0, 0, 0};
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
