@@ -156,3 +156,23 @@ def test_transformers_harness_detects_a_wrong_drafter(seed):
         want, _ = hf64(ids, pos, h.double())
     with pytest.raises(AssertionError, match="relative error"):
         check(out, want, None, "swapped")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_drafter_vs_transformers_yarn_rope(seed, dtype):
+    """A Llama drafter with YaRN rope scaling (Qwen-style: factor and original context only,
+    so cos / sin carry 0.1 ln(factor) + 1) against transformers' YaRN."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    cfg = tiny_config(norm="fc_norm", num_aux=3, layers=2, rope_scaling=yarn)
+    m = enn.Eagle3LlamaDrafter(cfg)
+    assert m.rotary.attention_factor > 1.1
+    randomize_(m, seed)
+    m.to(dtype)
+    hf64, hf = _hf(cfg, m.state_dict(), torch.float64), _hf(cfg, m.state_dict(), dtype)
+    ids, pos, h = inputs(seed, 9, H, dtype, start=1500)
+    with torch.no_grad():
+        out, fed = m(ids, pos, h)
+        out64, fed64 = hf64(ids, pos, h.double())
+        oute, fede = hf(ids, pos, h)
+    check(out, out64, oute, f"yarn {dtype}")
+    check(fed, fed64, fede, f"yarn fed back {dtype}")
