@@ -16,6 +16,43 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 
+// s = a + b in fp32: accumulates its squares into ss, returns it rounded to T.
+template <typename T>
+__device__ __forceinline__ Vec<T> sum_vec(const Vec<T>& a, const Vec<T>& b, float& ss) {
+  Vec<T> s;
+#pragma unroll
+  for (int j = 0; j < Vec<T>::N; ++j) {
+    const float f = to_float(a.v[j]) + to_float(b.v[j]);
+    ss += f * f;
+    s.v[j] = from_float<T>(f);
+  }
+  return s;
+}
+
+// (a + b) * scale * weight, formed in fp32 from the unrounded sum, rounded once to T.
+template <typename T>
+__device__ __forceinline__ Vec<T> normed_vec(const Vec<T>& a, const Vec<T>& b, float scale, const void* w,
+                                             int w_kind, int64_t i) {
+  constexpr int V = Vec<T>::N;
+  float wv[V];
+  load_weight_vec<T>(w, w_kind, i, wv);
+  Vec<T> y;
+#pragma unroll
+  for (int j = 0; j < V; ++j) y.v[j] = from_float<T>((to_float(a.v[j]) + to_float(b.v[j])) * scale * wv[j]);
+  return y;
+}
+
+// rsqrt(mean of the row's squares + eps) from each thread's partial sum ss; warp_sums holds
+// one float per warp. The caller syncs before warp_sums is written again.
+__device__ __forceinline__ float row_scale(float ss, float* warp_sums, int width, float eps) {
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += warp_sums[i];
+  return rsqrtf(total / static_cast<float>(width) + eps);
+}
+
 template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kMaxThreads)
 fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,        // [T, H]
@@ -25,7 +62,6 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
                           const int64_t num_rows, const int width, const float eps, const bool vec) {
   constexpr int V = Vec<T>::N;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int nwarps = blockDim.x / 32;
   float* warp_sums = reinterpret_cast<float*>(smem_raw);  // [nwarps], 32 floats reserved
   const int width_pad = (width + V - 1) / V * V;
   T* stage_x = reinterpret_cast<T*>(smem_raw + 32 * sizeof(float));
@@ -51,17 +87,8 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
     T* out_row = normed + row * static_cast<int64_t>(width);
     float ss = 0.f;
     if (vec) {
-      for (int i = threadIdx.x * V; i < width; i += blockDim.x * V) {
-        const Vec<T> a = load_vec(xr + i), b = load_vec(rr + i);
-        Vec<T> s;
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float f = to_float(a.v[j]) + to_float(b.v[j]);
-          ss += f * f;
-          s.v[j] = from_float<T>(f);
-        }
-        store_vec(sum_row + i, s);
-      }
+      for (int i = threadIdx.x * V; i < width; i += blockDim.x * V)
+        store_vec(sum_row + i, sum_vec(load_vec(xr + i), load_vec(rr + i), ss));
     } else {
       for (int i = threadIdx.x; i < width; i += blockDim.x) {
         const float f = to_float(xr[i]) + to_float(rr[i]);
@@ -69,22 +96,10 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
         sum_row[i] = from_float<T>(f);
       }
     }
-    ss = warp_sum(ss);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ss;
-    __syncthreads();
-    float total = 0.f;
-    for (int i = 0; i < nwarps; ++i) total += warp_sums[i];
-    const float scale = rsqrtf(total / static_cast<float>(width) + eps);
+    const float scale = row_scale(ss, warp_sums, width, eps);
     if (vec) {
-      for (int i = threadIdx.x * V; i < width; i += blockDim.x * V) {
-        const Vec<T> a = load_vec(xr + i), b = load_vec(rr + i);
-        float wv[V];
-        load_weight_vec<T>(w, w_kind, i, wv);
-        Vec<T> y;
-#pragma unroll
-        for (int j = 0; j < V; ++j) y.v[j] = from_float<T>((to_float(a.v[j]) + to_float(b.v[j])) * scale * wv[j]);
-        store_vec(out_row + i, y);
-      }
+      for (int i = threadIdx.x * V; i < width; i += blockDim.x * V)
+        store_vec(out_row + i, normed_vec(load_vec(xr + i), load_vec(rr + i), scale, w, w_kind, i));
     } else {
       for (int i = threadIdx.x; i < width; i += blockDim.x) {
         out_row[i] = from_float<T>((to_float(xr[i]) + to_float(rr[i])) * scale * weight_at<T>(w, w_kind, i));
@@ -106,7 +121,6 @@ fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, 
                                const float eps) {
   constexpr int V = Vec<T>::N;
   __shared__ float warp_sums[kRegMaxThreads / 32];
-  const int nwarps = blockDim.x / 32;
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const T* xr = x + row * x_stride;
     const T* rr = res + row * res_stride;
@@ -122,34 +136,13 @@ fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, 
 #pragma unroll
     for (int j = 0; j < kRegVecs; ++j) {
       const int i = (threadIdx.x + j * blockDim.x) * V;
-      if (i < width) {
-        Vec<T> s;
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float f = to_float(a[j].v[e]) + to_float(b[j].v[e]);
-          ss += f * f;
-          s.v[e] = from_float<T>(f);
-        }
-        store_vec_stream(sum_row + i, s);
-      }
+      if (i < width) store_vec_stream(sum_row + i, sum_vec(a[j], b[j], ss));
     }
-    ss = warp_sum(ss);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ss;
-    __syncthreads();
-    float total = 0.f;
-    for (int i = 0; i < nwarps; ++i) total += warp_sums[i];
-    const float scale = rsqrtf(total / static_cast<float>(width) + eps);
+    const float scale = row_scale(ss, warp_sums, width, eps);
 #pragma unroll
     for (int j = 0; j < kRegVecs; ++j) {
       const int i = (threadIdx.x + j * blockDim.x) * V;
-      if (i < width) {
-        float wv[V];
-        load_weight_vec<T>(w, w_kind, i, wv);
-        Vec<T> y;
-#pragma unroll
-        for (int e = 0; e < V; ++e) y.v[e] = from_float<T>((to_float(a[j].v[e]) + to_float(b[j].v[e])) * scale * wv[e]);
-        store_vec_stream(out_row + i, y);
-      }
+      if (i < width) store_vec_stream(out_row + i, normed_vec(a[j], b[j], scale, w, w_kind, i));
     }
     __syncthreads();  // warp_sums are reused by the block's next row
   }
