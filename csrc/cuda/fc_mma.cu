@@ -2,10 +2,10 @@
 // weight streams once through mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate) while
 // the normalised concatenation exists only in registers.
 //
-// Two launches:
+// Two launches (one for norm "none"):
 //  1. fc_row_scales_kernel: per token, the scale of each chunk (chunk: rsqrt(mean(x_k^2) +
-//     eps); shared: one rsqrt over the whole row, repeated per chunk; none: 1) -> fp32
-//     [T, K] workspace. T x K floats: nothing next to the weight stream.
+//     eps); shared: one rsqrt over the whole row, repeated per chunk) -> fp32 [T, K]
+//     workspace. T x K floats: nothing next to the weight stream.
 //  2. fc_mma_kernel: a block of kWarps warps owns 16 x MT output features (rows of the
 //     folded weight) and every token. The weight is the mma's A operand, the tokens its B
 //     operand (8 per n-tile, NT tiles). Warp w takes the 32-wide k-blocks w, w + kWarps, ...
@@ -87,8 +87,8 @@ fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunk
         float s = 0.f;
         for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += warp_sums[k][w];
         all += s;
-        scales[t * num_chunks + k] = mode == static_cast<int>(NormMode::kChunk)
-                                         ? rsqrtf(s / static_cast<float>(tab.c[k].width) + eps) : 1.f;
+        if (mode == static_cast<int>(NormMode::kChunk))
+          scales[t * num_chunks + k] = rsqrtf(s / static_cast<float>(tab.c[k].width) + eps);
       }
       if (mode == static_cast<int>(NormMode::kShared)) {
         const float r = rsqrtf(all / static_cast<float>(total) + eps);
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
               const T* __restrict__ weight,  // [N, total], rows contiguous
               const int64_t n_out, const int total,
-              const float* __restrict__ scales,  // [T, num_chunks]
+              const float* __restrict__ scales,  // [T, num_chunks]; null for norm "none"
               T* __restrict__ out,               // [T, N] contiguous
               const int num_tokens) {
   static_assert(sizeof(T) == 2, "bf16 / fp16 only");
@@ -173,7 +173,7 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
           const int t = 8 * j + g;
           if (t < num_tokens) {
             const uint4 raw = *reinterpret_cast<const uint4*>(xk + static_cast<int64_t>(t) * c.x_stride);
-            xv[u][j] = scale_pack<T>(raw, __ldg(scales + t * num_chunks + ck));
+            xv[u][j] = scales ? scale_pack<T>(raw, __ldg(scales + t * num_chunks + ck)) : raw;
           } else {
             xv[u][j] = make_uint4(0u, 0u, 0u, 0u);
           }
@@ -236,14 +236,19 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
   }
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.get_device());
-  at::Tensor scales = at::empty({rows, num_chunks}, weight.options().dtype(at::kFloat));
-  fc_row_scales_kernel<T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
-      tab, num_chunks, scales.data_ptr<float>(), rows, static_cast<int>(c.total_width), eps, static_cast<int>(mode));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // norm "none": x is the B operand as it is, no pre-pass.
+  at::Tensor scales;
+  if (mode != NormMode::kNone) {
+    scales = at::empty({rows, num_chunks}, weight.options().dtype(at::kFloat));
+    fc_row_scales_kernel<T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
+        tab, num_chunks, scales.data_ptr<float>(), rows, static_cast<int>(c.total_width), eps, static_cast<int>(mode));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
   auto launch = [&](auto kernel, int features) {
     const unsigned grid = static_cast<unsigned>((N + features - 1) / features);
     kernel<<<grid, kWarps * 32, 0, stream>>>(tab, num_chunks, static_cast<const T*>(weight.data_ptr()), N,
-                                             static_cast<int>(c.total_width), scales.data_ptr<float>(),
+                                             static_cast<int>(c.total_width), scales_ptr,
                                              static_cast<T*>(out.data_ptr()), static_cast<int>(rows));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
