@@ -32,7 +32,7 @@ from eagle3_ops.config import MLAConfig, resolve
 from eagle3_ops.nn import reference_modules as R
 from eagle3_ops.nn.rope import RotaryEmbedding
 from numerics import Rng
-from test_nn_helpers import HFDrafterWiring, H, HEADS, TARGET_HIDDEN, VOCAB, check, inputs, one_thread, randomize_, tiny_config  # noqa: F401
+from test_nn_helpers import HFDrafterWiring, check_vs_harness, H, HEADS, TARGET_HIDDEN, VOCAB, check, inputs, one_thread, randomize_, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -513,12 +513,7 @@ def test_attention_bias_vs_transformers(seed, dtype):
     assert a.q_b_proj.bias is None and a.kv_b_proj.bias is None
     hf64, hf = _hf(cfg, m.state_dict(), torch.float64), _hf(cfg, m.state_dict(), dtype)
     ids, pos, h = inputs(seed, 7, H, dtype, start=5)
-    with torch.no_grad():
-        out, fed = m(ids, pos, h)
-        out64, fed64 = hf64(ids, pos, h.double())
-        oute, fede = hf(ids, pos, h)
-    check(out, out64, oute, f"attention_bias {dtype}")
-    check(fed, fed64, fede, f"attention_bias fed back {dtype}")
+    check_vs_harness(m, hf64, hf, ids, pos, h, f"attention_bias {dtype}")
 
 
 def test_empty_and_single_token(seed):

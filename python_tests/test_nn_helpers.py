@@ -109,6 +109,17 @@ def check(out, ref64, eager, what: str) -> None:
     assert_close_to_fp64(out, ref64, eager if out.dtype != torch.float32 else None, what)
 
 
+def check_vs_harness(m, hf64, hf, ids, pos, h, what: str) -> None:
+    """``m(ids, pos, h)`` against a truth model run in float64 (``hf64``) and in h's dtype
+    (``hf``, for the bound): both outputs, hidden_for_logits and hidden_fed_back."""
+    with torch.no_grad():
+        out, fed = m(ids, pos, h)
+        out64, fed64 = hf64(ids, pos, h.double())
+        oute, fede = hf(ids, pos, h)
+    check(out, out64, oute, what)
+    check(fed, fed64, fede, f"{what} fed back")
+
+
 @pytest.fixture(scope="module", autouse=False)
 def one_thread():
     """The test_nn tensors are tiny: on a small shared CPU box, intra-op threads only add

@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
 from eagle3_ops import nn as enn  # noqa: E402
 from eagle3_ops.config import resolve  # noqa: E402
 from numerics import Rng  # noqa: E402
-from test_nn_helpers import HFDrafterWiring, H, TARGET_HIDDEN, check, grid, grid_id, inputs, one_thread, randomize_, tiny_config  # noqa: E402,F401
+from test_nn_helpers import HFDrafterWiring, check_vs_harness, H, TARGET_HIDDEN, check, grid, grid_id, inputs, one_thread, randomize_, tiny_config  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,12 +132,7 @@ def test_drafter_vs_transformers_biases_and_explicit_head_dim(seed, dtype):
     m.to(dtype)
     hf64, hf = _hf(cfg, m.state_dict(), torch.float64), _hf(cfg, m.state_dict(), dtype)
     ids, pos, h = inputs(seed, 9, H, dtype, start=7)
-    with torch.no_grad():
-        out, fed = m(ids, pos, h)
-        out64, fed64 = hf64(ids, pos, h.double())
-        oute, fede = hf(ids, pos, h)
-    check(out, out64, oute, f"biases/head_dim {dtype}")
-    check(fed, fed64, fede, f"biases/head_dim fed back {dtype}")
+    check_vs_harness(m, hf64, hf, ids, pos, h, f"biases/head_dim {dtype}")
 
 
 def test_transformers_harness_detects_a_wrong_drafter(seed):
@@ -170,9 +165,4 @@ def test_drafter_vs_transformers_yarn_rope(seed, dtype):
     m.to(dtype)
     hf64, hf = _hf(cfg, m.state_dict(), torch.float64), _hf(cfg, m.state_dict(), dtype)
     ids, pos, h = inputs(seed, 9, H, dtype, start=1500)
-    with torch.no_grad():
-        out, fed = m(ids, pos, h)
-        out64, fed64 = hf64(ids, pos, h.double())
-        oute, fede = hf(ids, pos, h)
-    check(out, out64, oute, f"yarn {dtype}")
-    check(fed, fed64, fede, f"yarn fed back {dtype}")
+    check_vs_harness(m, hf64, hf, ids, pos, h, f"yarn {dtype}")
