@@ -56,8 +56,14 @@ __device__ __forceinline__ Vec<T> load_vec_ro(const T* p) {
   *reinterpret_cast<int4*>(&out) = __ldg(reinterpret_cast<const int4*>(p));
   return out;
 }
+// A 16-byte store to global memory. Through PTX: assigning the Vec (or an int4 view of it)
+// compiled to one 2-byte store per element for bf16 / fp16 (and 4-byte ones for fp32).
 template <typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
+__device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) {
+  const uint4 u = *reinterpret_cast<const uint4*>(&v);
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+               : "memory");
+}
 // A 16-byte read-only load that does not allocate in L1, for a weight streamed once (the
 // fc kernels): L1 keeps the activations.
 __device__ __forceinline__ int4 load_weight_stream(const void* p) {
@@ -98,9 +104,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 // ---- cp.async (sm_80+): global -> shared without passing through registers ---------------------
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // ---- the per-chunk argument table (passed by value, no device allocation) --------------------
 enum WeightKind : uint8_t { kNoWeight = 0, kWeightSameType = 1, kWeightFp32 = 2 };
