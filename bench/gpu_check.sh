@@ -49,7 +49,7 @@ fi
 step kernels $PY -c "import eagle3_ops; assert eagle3_ops.has_cuda_kernels(), 'built without CUDA kernels'; print('CUDA kernels loaded')"
 command -v cuobjdump >/dev/null && step resources bash -c "cuobjdump --dump-resource-usage eagle3_ops/_C*.so | grep -E 'Function|REG' | paste - - | sed -E 's/Function ([^:]{0,90})[^:]*:/\\1/'"
 
-step tune timeout 90 $PY -m bench.tune --out "$OUT/tune.json"
+step tune timeout 120 $PY -m bench.tune --out "$OUT/tune.json"
 step bench timeout 320 $PY -m bench --device cuda --out "$OUT" "$@"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests timeout 120 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"

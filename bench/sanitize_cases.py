@@ -1,7 +1,8 @@
 """Small CUDA cases for compute-sanitizer (memcheck / racecheck), run by bench/gpu_check.sh.
 
 Odd widths and offset views (scalar paths), aligned views (16-byte paths), the staged,
-two-pass and register-resident norm kernels, the fc's decode and tensor-core kernels, fp32 weights, shared
+two-pass and register-resident norm kernels, the fc's decode, mma.sync and (on Hopper)
+wgmma kernels, fp32 weights, shared
 statistics, T = 0, 1, 5. Each result is compared with the reference, so a wrong answer
 fails here as well as a bad access.
 
@@ -66,24 +67,28 @@ def run(one: bool) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     ops = torch.ops.eagle3
     stage, decode, regs = ops._norm_stage_limit(-1), ops._fc_decode_max_tokens(-1), ops._norm_registers(-1)
-    mma = ops._fc_mma_max_tokens(-1)
+    mma, wgmma = ops._fc_mma_max_tokens(-1), ops._fc_wgmma_min_tokens(-1)
     cases = 0
     try:
         # every kernel path: staged, two-pass and register-resident norms, the fc's decode
-        # kernel up to T=8, the fc's tensor-core kernel (T = 5 here)
-        for stage_limit, decode_tokens, registers, mma_tokens in ((stage, 8, 0, 0), (0, decode, 0, 0),
-                                                                  (stage, decode, 1, 64)):
+        # kernel up to T=8, its mma.sync kernel (T = 5 here), and its wgmma kernel (every
+        # T, Hopper only; aligned views, the only ones it takes)
+        passes = ((stage, 8, 0, 0, 0, (False, True)), (0, decode, 0, 0, 0, (False, True)),
+                  (stage, decode, 1, 64, 0, (False, True)), (stage, 0, 0, 0, 1, (True,)))
+        for stage_limit, decode_tokens, registers, mma_tokens, wgmma_tokens, layouts in passes:
             ops._norm_stage_limit(stage_limit)
             ops._fc_decode_max_tokens(decode_tokens)
             ops._norm_registers(registers)
             ops._fc_mma_max_tokens(mma_tokens)
-            for aligned in (False, True):
+            ops._fc_wgmma_min_tokens(wgmma_tokens)
+            for aligned in layouts:
                 cases += run_cases(one, g, aligned)
     finally:
         ops._norm_stage_limit(stage)
         ops._fc_decode_max_tokens(decode)
         ops._norm_registers(regs)
         ops._fc_mma_max_tokens(mma)
+        ops._fc_wgmma_min_tokens(wgmma)
     torch.cuda.synchronize()
     print(f"sanitize_cases: {cases} cases passed")
     return 0

@@ -6,8 +6,11 @@ For the norm kernels (T = 64 and 16384): the shared-memory stage (rows staged on
 cp.async), no stage (rows read twice from global memory, the second read from L2;
 ``torch.ops.eagle3._norm_stage_limit(0)``) and registers (each thread keeps its vectors
 of the row in registers; ``torch.ops.eagle3._norm_registers(1)``). For the fc: the decode
-kernel (T <= 8), the tensor-core kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1, 2, 8,
-16, 64, selected with ``torch.ops.eagle3._fc_decode_max_tokens`` / ``_fc_mma_max_tokens``.
+kernel (T <= 8), the mma.sync kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1, 2, 8, 16,
+64, selected with ``torch.ops.eagle3._fc_decode_max_tokens`` / ``_fc_mma_max_tokens``; on
+Hopper, the wgmma kernel with 128 and 256 features per block against rms_norm_cat + cuBLAS
+at T = 128, 2048, 16384 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n``). Each row names
+the path that served it (``_fc_last_path``), so a kernel that declined shows as such.
 Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
 beside the copy bandwidth measured in the same run and the variant's error against float64.
 The defaults in csrc/ are chosen from these tables.
@@ -48,20 +51,23 @@ def main() -> None:
     budget = timing.Budget(seconds=0.3, min_reps=10, max_reps=200, min_sample_s=1e-3)
     rows = []
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
-    print("| op | T | H | variant | us | GB/s | % copy | rel err |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| op | T | H | variant | path | us | GB/s | % copy | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def measure(case, name):
         us, err = _time_ours(case, budget, cache)
+        path = OPS._fc_last_path() if case.op == C.FC_OP else "-"
         gbps = case.bytes_moved() / us / 1e3
-        rows.append(dict(op=case.op, T=case.T, H=case.H, variant=name, us=us, gbps=gbps,
+        rows.append(dict(op=case.op, T=case.T, H=case.H, variant=name, path=path, us=us, gbps=gbps,
                          pct_copy=100 * gbps / copy, rel_err=err))
-        print(f"| {case.op} | {case.T} | {case.H} | {name} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} | {err:.2g} |")
+        print(f"| {case.op} | {case.T} | {case.H} | {name} | {path} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} "
+              f"| {err:.2g} |")
 
     default_stage = OPS._norm_stage_limit(-1)
     default_decode = OPS._fc_decode_max_tokens(-1)
     default_regs = OPS._norm_registers(-1)
     default_mma = OPS._fc_mma_max_tokens(-1)
+    default_wgmma, default_tile = OPS._fc_wgmma_min_tokens(-1), OPS._fc_wgmma_tile_n(-1)
     try:
         _sweep(measure)
     finally:
@@ -69,6 +75,8 @@ def main() -> None:
         OPS._fc_decode_max_tokens(default_decode)
         OPS._norm_registers(default_regs)
         OPS._fc_mma_max_tokens(default_mma)
+        OPS._fc_wgmma_min_tokens(default_wgmma)
+        OPS._fc_wgmma_tile_n(default_tile)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy,
@@ -98,6 +106,18 @@ def _sweep(measure) -> None:
                 OPS._fc_mma_max_tokens(mma)
                 measure(case, name)
     OPS._fc_mma_max_tokens(default_mma)
+    if torch.cuda.get_device_capability()[0] != 9:
+        return
+    default_wgmma, default_tile = OPS._fc_wgmma_min_tokens(-1), OPS._fc_wgmma_tile_n(-1)
+    for H in (4096, 7168):
+        for T in (128, 2048, 16384):
+            case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
+            for name, min_tokens, tile in (("wgmma-128", 1, 128), ("wgmma-256", 1, 256), ("norm_cat+cuBLAS", 0, 0)):
+                OPS._fc_wgmma_min_tokens(min_tokens)
+                OPS._fc_wgmma_tile_n(tile)
+                measure(case, name)
+    OPS._fc_wgmma_min_tokens(default_wgmma)
+    OPS._fc_wgmma_tile_n(default_tile)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ struct Backend {
   // normed, sum [T, H] contiguous <- x2, r2 row views [T, H]; w contiguous 1-D or undefined.
   void (*fused_add)(const at::Tensor& x2, const at::Tensor& r2, const at::Tensor& w, float eps, at::Tensor& normed,
                     at::Tensor& sum);
-  // out [T, N] <- the whole fc in one kernel when it serves this call; false: not served.
-  bool (*fc_direct)(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
+  // out [T, N] <- the whole fc by a direct path (no normalised copy of the input) when one
+  // serves this call: returns the path's name ("decode", "mma", "wgmma"), nullptr if none.
+  const char* (*fc_direct)(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
 };
 
 namespace cpu {
@@ -41,8 +42,19 @@ bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, Norm
 // Largest T served by launch_fc_mma (0 disables it, the default); sets it and returns the
 // previous value, -1 only queries.
 int64_t fc_mma_max_tokens(int64_t value);
-// The direct fc paths in order: the decode kernel, then the tensor-core kernel.
-bool launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
+// The Hopper tensor-core fc for T >= fc_wgmma_min_tokens (bf16 / fp16, sm_90a build on a
+// compute capability 9.x device; TMA + wgmma, two launches: per-token chunk scales, then
+// the GEMM with the scales applied to its accumulators); false where it does not apply.
+bool launch_fc_wgmma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
+// Smallest T served by launch_fc_wgmma (0 disables it, the default); sets it and returns
+// the previous value, -1 only queries.
+int64_t fc_wgmma_min_tokens(int64_t value);
+// Features per block of launch_fc_wgmma: 128, 256, or 0 to choose by size (the default);
+// sets it and returns the previous value, -1 only queries.
+int64_t fc_wgmma_tile_n(int64_t value);
+// The direct fc paths in order: the decode kernel, the mma.sync kernel, the wgmma kernel;
+// returns the name of the one that served the call, nullptr if none did.
+const char* launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
 // Largest shared-memory stage per block of the norm kernels (0: never stage, rows are read
 // twice from global memory); sets it and returns the previous value, -1 only queries.
 int64_t set_norm_stage_limit(int64_t bytes);

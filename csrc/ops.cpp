@@ -9,6 +9,9 @@
 namespace eagle3 {
 namespace {
 
+// The path that served this thread's last rms_norm_cat_linear call (fc_last_path).
+thread_local const char* t_last_fc_path = "";
+
 at::Tensor rms_norm_cat_impl(const Backend& b, const std::vector<at::Tensor>& xs,
                              const std::vector<OptTensor>& weights, double eps, bool shared_stats) {
   const char* op = "rms_norm_cat";
@@ -45,8 +48,13 @@ at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tens
   std::vector<int64_t> out_shape = c.out_shape;
   out_shape.back() = weight.size(0);
   at::Tensor out = at::empty({c.num_rows, weight.size(0)}, c.rows[0].options());
+  t_last_fc_path = "none";
   if (c.num_rows == 0) return out.view(out_shape);
-  if (b.fc_direct && b.fc_direct(c, weight, static_cast<float>(eps), mode, out)) return out.view(out_shape);
+  if (const char* path = b.fc_direct ? b.fc_direct(c, weight, static_cast<float>(eps), mode, out) : nullptr) {
+    t_last_fc_path = path;
+    return out.view(out_shape);
+  }
+  t_last_fc_path = "pair";
   // The norm weights are folded into `weight`: normalise without weights, then one GEMM.
   at::Tensor xn = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
   b.norm_cat(c, {}, static_cast<float>(eps), mode, xn);
@@ -98,7 +106,18 @@ int64_t fc_mma_max_tokens(int64_t value) {
   TORCH_CHECK_VALUE(value >= -1 && value <= 64, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got ", value);
   return cuda::fc_mma_max_tokens(value);
 }
+int64_t fc_wgmma_min_tokens(int64_t value) {
+  TORCH_CHECK_VALUE(value >= -1, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got ", value);
+  return cuda::fc_wgmma_min_tokens(value);
+}
+int64_t fc_wgmma_tile_n(int64_t value) {
+  TORCH_CHECK_VALUE(value == -1 || value == 0 || value == 128 || value == 256,
+                    "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got ", value);
+  return cuda::fc_wgmma_tile_n(value);
+}
 #endif
+
+std::string fc_last_path() { return t_last_fc_path; }
 
 // ---- Autograd: the ops have no backward. Rather than return outputs whose gradients would
 // silently be missing, a call that autograd would have to differentiate is an error.

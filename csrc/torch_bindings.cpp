@@ -35,6 +35,31 @@ TORCH_LIBRARY(eagle3, m) {
     return 0;
 #endif
   });
+  // Smallest T served by the fc's Hopper tensor-core kernel (TMA + wgmma; 0, the default,
+  // disables it); sets it and returns the previous value, -1 only queries.
+  m.def("_fc_wgmma_min_tokens(int value=-1) -> int", [](int64_t value) -> int64_t {
+#ifdef EAGLE3_WITH_CUDA
+    return eagle3::fc_wgmma_min_tokens(value);
+#else
+    TORCH_CHECK_VALUE(value >= -1, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got ", value);
+    return 0;
+#endif
+  });
+  // Features per block of that kernel: 128, 256, or 0 to choose by size (the default); sets
+  // it and returns the previous value, -1 only queries. For python -m bench.tune.
+  m.def("_fc_wgmma_tile_n(int value=-1) -> int", [](int64_t value) -> int64_t {
+#ifdef EAGLE3_WITH_CUDA
+    return eagle3::fc_wgmma_tile_n(value);
+#else
+    TORCH_CHECK_VALUE(value == -1 || value == 0 || value == 128 || value == 256,
+                      "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got ", value);
+    return 0;
+#endif
+  });
+  // The path that served this thread's last rms_norm_cat_linear call: "decode", "mma",
+  // "wgmma" (CUDA kernels that never write the normalised input), "pair" (normalised copy,
+  // then one GEMM; the CPU path), or "none" (no rows). For tests and benchmarks.
+  m.def("_fc_last_path() -> str", []() -> std::string { return eagle3::fc_last_path(); });
   // Largest shared-memory stage per block of the CUDA norm kernels, in bytes (0: never
   // stage; rows are then read twice from global memory); sets it and returns the previous
   // value, -1 only queries. For benchmarks that compare the two strategies.

@@ -140,6 +140,37 @@ def test_graph_rms_norm_cat_linear(seed, T, widths, layout, N, norm):
     free_cuda()
 
 
+@pytest.mark.parametrize("norm", ["none", "chunk"])
+@pytest.mark.parametrize("T,switch,path", [
+    pytest.param(24, "_fc_mma_max_tokens", "mma", id="mma-T24"),
+    pytest.param(300, "_fc_wgmma_min_tokens", "wgmma", id="wgmma-T300"),
+    pytest.param(4096, "_fc_wgmma_min_tokens", "wgmma", id="wgmma-T4096"),
+])
+def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, norm):
+    """The tensor-core fc kernels (off by default until measured) captured and replayed
+    with fresh data: the statistics pre-pass, its workspace and (wgmma) the tensor maps
+    built at capture must serve every replay. The wgmma kernel only on Hopper."""
+    if path == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel needs a compute capability 9.x card")
+    op = getattr(torch.ops.eagle3, switch)
+    prev = op(64 if path == "mma" else 1)
+    try:
+        rng = Rng(seed, DEV)
+        xs, bases = make_chunks(rng, "split", T, [1024] * 3, BF)
+        W = rng.linear_weight(1000, 3 * 1024, BF)
+        g, out = capture(lambda: eagle3_ops.rms_norm_cat_linear(xs, W, EPS, norm))
+        assert torch.ops.eagle3._fc_last_path() == path
+        for i in range(3):
+            refill(rng, bases)
+            replay_poisoned(g, out)
+            assert_close_to_fp64(out, reference.rms_norm_cat_linear_fp64(xs, W, EPS, norm),
+                                 reference.rms_norm_cat_linear(xs, W, EPS, norm), f"replay {i}")
+        del g, out
+    finally:
+        op(prev)
+    free_cuda()
+
+
 def test_graph_all_ops_one_graph(seed):
     """A drafter step's three ops captured together in one graph, T = 1 and 4."""
     rng = Rng(seed, DEV)

@@ -93,11 +93,17 @@ def check_fused_add(device, x, r, bases, weight, eps, what=""):
     return normed, summed
 
 
-def check_linear(device, xs, bases, weight, eps, norm, lead, what=""):
+def check_linear(device, xs, bases, weight, eps, norm, lead, what="", path=None):
+    """path: the CUDA path this call must take ("decode", "mma", "wgmma", "pair"), asserted
+    through _fc_last_path, so a kernel under test cannot silently hand over to another
+    path; the CPU kernels always take "pair"."""
     dtype = xs[0].dtype
     shape = (*lead, weight.shape[0])
     snap = snapshot(list(bases) + [weight])
     out = run_poisoned(device, lambda: eagle3_ops.rms_norm_cat_linear(xs, weight, eps, norm), [nbytes(shape, dtype)])
+    if path is not None:
+        expected = path if torch.device(device).type == "cuda" else "pair"
+        assert torch.ops.eagle3._fc_last_path() == expected, (torch.ops.eagle3._fc_last_path(), expected)
     assert_output(out, shape, dtype, device, what)
     assert_no_alias([out], bases)
     assert_unchanged(snap, "xs/weight")
@@ -377,7 +383,7 @@ def test_rms_norm_cat_linear_decode(device, seed, decode_up_to_8, dtype, T, widt
     rng = Rng(seed, device)
     xs, bases = make_chunks(rng, "split" if T % 2 else "contig", T, widths, dtype)
     w = rng.linear_weight(N, sum(widths), dtype)
-    check_linear(device, xs, bases, w, EPS, norm, (T,))
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path="decode")
 
 
 @pytest.mark.parametrize("norm", ["chunk", "shared"])
@@ -388,7 +394,7 @@ def test_rms_norm_cat_linear_decode_real_fc(device, seed, decode_up_to_8, T, N, 
     rng = Rng(seed, device)
     xs, bases = make_chunks(rng, "split", T, [4096] * 3, torch.bfloat16)
     w = rng.linear_weight(N, 3 * 4096, torch.bfloat16)
-    check_linear(device, xs, bases, w, EPS, norm, (T,))
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path="decode")
 
 
 # ---- fold_norm_weights and the identity rms_norm_cat_linear rests on ------------------------
@@ -667,7 +673,8 @@ def test_rms_norm_cat_linear_mma(device, seed, mma_up_to_64, dtype, T, widths, n
     rng = Rng(seed, device)
     xs, bases = make_chunks(rng, "split" if T % 2 else "contig", T, widths, dtype)
     w = rng.linear_weight(N, sum(widths), dtype)
-    check_linear(device, xs, bases, w, EPS, norm, (T,))
+    mma = dtype != torch.float32 and all(h % 32 == 0 for h in widths)
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path="mma" if mma else "pair")
 
 
 @pytest.mark.parametrize("norm", ["chunk", "shared", "none"])
@@ -678,9 +685,118 @@ def test_rms_norm_cat_linear_mma_real_fc(device, seed, mma_up_to_64, H, T, norm)
     rng = Rng(seed, device)
     xs, bases = make_chunks(rng, "split", T, [H] * 3, torch.bfloat16)
     w = rng.linear_weight(H, 3 * H, torch.bfloat16)
-    check_linear(device, xs, bases, w, EPS, norm, (T,))
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path="mma")
+
+
+def test_rms_norm_cat_linear_mma_t1(device, seed, mma_up_to_64):
+    """T = 1 through the tensor-core kernel (the decode kernel switched off)."""
+    decode = torch.ops.eagle3._fc_decode_max_tokens(0)
+    try:
+        rng = Rng(seed, device)
+        for norm in NORMS:
+            xs, bases = make_chunks(rng, "split", 1, [1024, 512, 64], torch.bfloat16)
+            w = rng.linear_weight(129, 1600, torch.bfloat16)
+            check_linear(device, xs, bases, w, EPS, norm, (1,), path="mma")
+    finally:
+        torch.ops.eagle3._fc_decode_max_tokens(decode)
 
 
 def test_fc_mma_switch_validates_its_argument():
     with pytest.raises(ValueError, match="_fc_mma_max_tokens: value must be -1 \\(query\\) or 0..64, got 65"):
         torch.ops.eagle3._fc_mma_max_tokens(65)
+
+
+# ---- the fc's Hopper tensor-core kernel (TMA + wgmma, prefill sizes, bf16 / fp16) -----------
+
+
+def wgmma_expected(device) -> bool:
+    """Whether the wgmma kernel serves aligned bf16 / fp16 calls here when switched on: a
+    compute capability 9.x card (the default build's architecture list names 9.0a)."""
+    return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+@pytest.fixture(params=[128, 256], ids=["bn128", "bn256"])
+def wgmma_from_1(request, device):
+    """Route every T through the fc's wgmma kernel (off by default until measured), with
+    the decode and mma kernels off and the given features per block; restores them all.
+    CUDA only: on the CPU these calls are the pair the other grids already cover."""
+    if torch.device(device).type != "cuda":
+        pytest.skip("the wgmma kernel is a CUDA path; the CPU takes the pair, covered above")
+    ops = torch.ops.eagle3
+    prev = (ops._fc_wgmma_min_tokens(1), ops._fc_wgmma_tile_n(request.param), ops._fc_decode_max_tokens(0),
+            ops._fc_mma_max_tokens(0))
+    try:
+        yield request.param
+    finally:
+        ops._fc_wgmma_min_tokens(prev[0])
+        ops._fc_wgmma_tile_n(prev[1])
+        ops._fc_decode_max_tokens(prev[2])
+        ops._fc_mma_max_tokens(prev[3])
+
+
+# K = 1..5 with 64-wide k-tiles (chunk boundaries between tiles); 96 (not a multiple of 64)
+# and 9 chunks (more tensor maps than the kernel takes) go to the pair.
+WGMMA_WIDTHS = {"K1-64": [64], "K2-128-64": [128, 64], "K3-192": [192] * 3, "K5-64": [64] * 5,
+                "K3-odd": [1024, 96, 64], "K9-64": [64] * 9}
+
+
+@pytest.mark.parametrize("N", [1, 264])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("widths", [pytest.param(w, id=k) for k, w in WGMMA_WIDTHS.items()])
+@pytest.mark.parametrize("T", [1, 129, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_linear_wgmma(device, seed, wgmma_from_1, dtype, T, widths, norm, N):
+    """Token tiles of 128 (one partial, several with a partial last), N below, across and
+    past the 128 / 256 feature tiles (N = 1: the odd-N store path), chunk boundaries on
+    k-tiles; fp32 and unsupported widths take the pair."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split" if T % 2 else "contig", T, widths, dtype)
+    w = rng.linear_weight(N, sum(widths), dtype)
+    ok = dtype != torch.float32 and all(h % 64 == 0 for h in widths) and len(widths) <= 8
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path="wgmma" if ok and wgmma_expected(device) else "pair")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_rms_norm_cat_linear_wgmma_strided_views(device, seed, wgmma_from_1, norm):
+    """Chunks that are column slices of a wider tensor (row stride != the chunk widths, a
+    base offset of 64 columns): each chunk's tensor map carries its own stride."""
+    rng = Rng(seed, device)
+    T, widths = 200, [256, 128, 64]
+    big = rng.randn((T, sum(widths) + 192), torch.bfloat16)
+    offs = [64, 64 + 256 + 64, 64 + 256 + 64 + 128]
+    xs = [big[:, o:o + h] for o, h in zip(offs, widths)]
+    w = rng.linear_weight(136, sum(widths), torch.bfloat16)
+    check_linear(device, xs, [big], w, EPS, norm, (T,), path="wgmma" if wgmma_expected(device) else "pair")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("T", [128, 1000, 2048])
+@pytest.mark.parametrize("H", [4096, 7168])
+def test_rms_norm_cat_linear_wgmma_real_fc(device, seed, wgmma_from_1, H, T, norm):
+    """The real fc (K = 3, bf16, N = H) through the wgmma kernel."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", T, [H] * 3, torch.bfloat16)
+    w = rng.linear_weight(H, 3 * H, torch.bfloat16)
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path="wgmma" if wgmma_expected(device) else "pair")
+
+
+def test_fc_wgmma_switches_validate_their_argument():
+    with pytest.raises(ValueError, match="_fc_wgmma_min_tokens: value must be -1 \\(query\\) or a token count"):
+        torch.ops.eagle3._fc_wgmma_min_tokens(-2)
+    with pytest.raises(ValueError, match="_fc_wgmma_tile_n: value must be -1 \\(query\\), 0 \\(by size\\), 128 or 256"):
+        torch.ops.eagle3._fc_wgmma_tile_n(64)
+
+
+def test_fc_last_path_names_the_path(device, seed):
+    """_fc_last_path follows the calls: "none" for T = 0; on CUDA, with the switches'
+    defaults, the decode kernel at T = 1 and at T = 300 the wgmma kernel where its
+    threshold and the card allow, else the pair; the CPU always takes the pair."""
+    rng = Rng(seed, device)
+    w = rng.linear_weight(64, 3 * 128, torch.bfloat16)
+    cuda = torch.device(device).type == "cuda"
+    wg_min = torch.ops.eagle3._fc_wgmma_min_tokens(-1)
+    t300 = "wgmma" if wgmma_expected(device) and 0 < wg_min <= 300 else "pair"
+    for T, expected in [(0, "none"), (1, "decode" if cuda else "pair"), (300, t300), (0, "none")]:
+        xs, _ = make_chunks(rng, "split", T, [128] * 3, torch.bfloat16)
+        eagle3_ops.rms_norm_cat_linear(xs, w, EPS, "chunk")
+        assert torch.ops.eagle3._fc_last_path() == expected

@@ -237,13 +237,7 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.get_device());
   // norm "none": x is the B operand as it is, no pre-pass.
-  at::Tensor scales;
-  if (mode != NormMode::kNone) {
-    scales = at::empty({rows, num_chunks}, weight.options().dtype(at::kFloat));
-    fc_row_scales_kernel<T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
-        tab, num_chunks, scales.data_ptr<float>(), rows, static_cast<int>(c.total_width), eps, static_cast<int>(mode));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const at::Tensor scales = fc_row_scales(tab, c, eps, mode, weight, stream);
   const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
   auto launch = [&](auto kernel, int features) {
     const unsigned grid = static_cast<unsigned>((N + features - 1) / features);
@@ -262,6 +256,23 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
 }
 
 }  // namespace
+
+at::Tensor fc_row_scales(const ChunkTable& tab, const ChunkRows& c, float eps, NormMode mode, const at::Tensor& like,
+                         cudaStream_t stream) {
+  if (mode == NormMode::kNone) return {};
+  const int64_t rows = c.num_rows;
+  const int num_chunks = static_cast<int>(c.rows.size());
+  at::Tensor scales = at::empty({rows, num_chunks}, like.options().dtype(at::kFloat));
+  auto launch = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(tab, num_chunks, scales.data_ptr<float>(), rows,
+                                                             static_cast<int>(c.total_width), eps,
+                                                             static_cast<int>(mode));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (c.rows[0].scalar_type() == at::kBFloat16) launch(fc_row_scales_kernel<__nv_bfloat16>);
+  else launch(fc_row_scales_kernel<__half>);
+  return scales;
+}
 
 bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
   const int64_t T = c.num_rows, N = weight.size(0);

@@ -9,6 +9,8 @@
 //    never exists in memory.
 //  * T <= fc_mma_max_tokens (off by default until measured): the tensor-core kernel of
 //    fc_mma.cu (per-token chunk scales, then mma.sync over the streamed weight).
+//  * T >= fc_wgmma_min_tokens on Hopper (off by default until measured): the TMA + wgmma
+//    GEMM of fc_wgmma.cu, the chunk scales applied to its accumulators.
 //  * otherwise: the rms_norm_cat kernel writes the normalised concatenation once and one
 //    cuBLAS GEMM (through ATen) applies the fc — the pair a tensor-core kernel must beat
 //    before it takes over at prefill sizes.
@@ -148,8 +150,11 @@ bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, N
   return ok;
 }
 
-bool launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
-  return launch_fc_decode(c, weight, eps, mode, out) || launch_fc_mma(c, weight, eps, mode, out);
+const char* launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  if (launch_fc_decode(c, weight, eps, mode, out)) return "decode";
+  if (launch_fc_mma(c, weight, eps, mode, out)) return "mma";
+  if (launch_fc_wgmma(c, weight, eps, mode, out)) return "wgmma";
+  return nullptr;
 }
 
 int64_t fc_decode_max_tokens(int64_t value) {

@@ -1,0 +1,409 @@
+// rms_norm_cat_linear on Hopper (sm_90a) at prefill sizes: a TMA + wgmma GEMM that reads
+// its A operand straight from the K chunk tensors and applies the per-token, per-chunk norm
+// scale to its fp32 accumulators, so neither the concatenation nor the normalised input is
+// ever written to memory:
+//
+//   out[t, n] = sum_k s[t, k] * (x_k[t, :] . W[n, off_k : off_k + H_k])   (W: folded weight)
+//
+// Two launches (one for norm "none"):
+//  1. fc_row_scales (fc_mma.cu): s[t, k] as fp32 [T, K].
+//  2. fc_wgmma_kernel: a block owns kBM = 128 tokens x BN features (BN = 128 or 256) and the
+//     whole k loop, in 64-wide k-tiles (128 bytes of bf16 / fp16: the swizzle span).
+//     - Warpgroup 0 produces: one thread issues, per k-tile, two TMA loads into a ring of
+//       STAGES shared-memory stages (128-byte swizzle), both completing on the stage's `full`
+//       mbarrier: the tokens' tile, through the tensor map of the chunk that holds this
+//       k-tile, and the weight's tile.
+//     - Warpgroups 1 and 2 consume, 64 tokens each: per k-tile four wgmma m64nBNk16 with
+//       both operands in shared memory, one wgmma group kept in flight; a stage goes back to
+//       the producer through its `empty` mbarrier once the group that read it is complete.
+//     - A k-tile never straddles two chunks (the launcher requires chunk widths that are
+//       multiples of 64). At the first k-tile of chunk k (norm "chunk") the consumer waits
+//       for its wgmma and multiplies each accumulator row by s[t, k-1] / s[t, k]; after the
+//       last k-tile it multiplies by s[t, K-1]. The accumulators then hold sum_k s[t,k] P_k
+//       in one set of registers. Norm "shared": one scale per token, applied at the end;
+//       "none": no scale and no pre-pass.
+//     - Tiles run in groups of kGroupM token tiles, token tile fastest, so the blocks that
+//       run together share their weight tiles in L2.
+//
+// Numerics: the scale multiplies fp32 partial sums of the raw inputs (the identity of
+// DESIGN.md section 2, item 3) instead of rounding x * s to the input dtype first as
+// rms_norm_cat + GEMM does; the result is at least as close to the fp64 reference.
+//
+// Off by default until a GPU run has measured it (torch.ops.eagle3._fc_wgmma_min_tokens).
+#include "cuda/common.cuh"
+#include "cuda/wgmma.cuh"
+
+#include <ATen/ATen.h>
+#include <cuda.h>           // CUtensorMap and its enums; the encoder comes through the runtime
+#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled
+
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace eagle3::cuda {
+namespace {
+
+constexpr int kBM = 128;             // tokens per block: two consumer warpgroups x 64
+constexpr int kBK = 64;              // k per stage
+constexpr int kThreads = 384;        // producer warpgroup + two consumer warpgroups
+constexpr int kWgmmaMaxChunks = 8;   // tensor maps passed by value (128 bytes each)
+constexpr int kSmemBudget = 192 * 1024;  // pipeline stages per block
+
+constexpr int stages_for(int bn) { return kSmemBudget / ((kBM + bn) * kBK * 2) < 6 ? kSmemBudget / ((kBM + bn) * kBK * 2) : 6; }
+constexpr int smem_bytes_for(int bn) {
+  // stages, their full / empty barriers, and slack to align the stages to 1024 bytes
+  return stages_for(bn) * (kBM + bn) * kBK * 2 + 2 * stages_for(bn) * 8 + 1024;
+}
+
+struct XMaps {
+  CUtensorMap m[kWgmmaMaxChunks];
+};
+
+struct KTiles {
+  int32_t first[kWgmmaMaxChunks + 1];  // first k-tile of each chunk; first[num_chunks] = all k-tiles
+  int32_t num_chunks;
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Until the phase of `bar` with this parity has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  }
+}
+// A 2-D TMA load of the box at (inner, outer) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int inner, int outer) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer)
+      : "memory");
+}
+// Shared-memory matrix descriptor of a K-major operand laid out by a TMA load with 128-byte
+// swizzle: rows of 128 bytes, 8-row (1024-byte) swizzle atoms, so the stride between 8-row
+// groups is 1024 bytes; the leading offset is unused in this layout. Advancing k by 16
+// elements inside the 64-wide tile adds 32 bytes to the start address.
+__device__ __forceinline__ uint64_t sw128_desc(const void* p) {
+  return (static_cast<uint64_t>(smem_addr(p) & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator accesses across a wgmma wait.
+template <int R>
+__device__ __forceinline__ void fence_acc(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Accumulator layout of m64nNk16 (fp32): register 4j + q of thread `lane` of warp w holds
+// row 16w + lane/4 + 8 (q / 2), column 8j + 2 (lane % 4) + q % 2.
+template <int R>
+__device__ __forceinline__ void scale_rows(float (&d)[R], float lo, float hi) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) d[i] *= (i % 4) < 2 ? lo : hi;
+}
+// Two outputs rounded to T, packed for one 4-byte store.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float v0, float v1) {
+  const T v[2] = {from_float<T>(v0), from_float<T>(v1)};
+  uint32_t u;
+  memcpy(&u, v, sizeof(u));
+  return u;
+}
+#endif
+
+// __launch_bounds__(kThreads, 1) caps the registers at entry at 168 = 65536 / 384, which
+// setmaxnreg redistributes (producer 40, consumers 232: 128 x 40 + 256 x 232 = 384 x 168);
+// a different cap would leave setmaxnreg.inc waiting for registers that never free up.
+template <typename T, int BN>
+__global__ void __launch_bounds__(kThreads, 1)
+fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ XMaps xmaps,
+                const __grid_constant__ KTiles kt_of,
+                const float* __restrict__ scales,  // [T, num_chunks]; null for norm "none"
+                T* __restrict__ out,               // [T, N] contiguous
+                const int num_tokens, const int n_out, const int mode) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int STAGES = stages_for(BN);
+  constexpr int A_BYTES = kBM * kBK * 2, STAGE_BYTES = (kBM + BN) * kBK * 2;
+  constexpr int kConsumerThreads = 256;
+  constexpr int kGroupM = 8;  // token tiles per group of the tile order
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* const smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* const full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES);
+  uint64_t* const empty = full + STAGES;
+
+  // This block's tile: groups of kGroupM token tiles, token tile fastest.
+  const int num_m = (num_tokens + kBM - 1) / kBM, num_n = (n_out + BN - 1) / BN;
+  const int group = blockIdx.x / (kGroupM * num_n), in_group = blockIdx.x % (kGroupM * num_n);
+  const int first_m = group * kGroupM, group_m = min(kGroupM, num_m - first_m);
+  const int m0 = (first_m + in_group % group_m) * kBM, n0 = (in_group / group_m) * BN;
+  const int num_kt = kt_of.first[kt_of.num_chunks];
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);                   // the producer's arrive (+ the TMA bytes)
+      mbar_init(&empty[s], kConsumerThreads);   // every consumer thread
+    }
+    // the initialised barriers visible to the TMA unit (async proxy) before any copy
+    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      int c = 0;
+      for (int kt = 0; kt < num_kt; ++kt) {
+        const int s = kt % STAGES;
+        mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);  // round 0 passes at once
+        while (kt >= kt_of.first[c + 1]) ++c;
+        uint8_t* const a = smem + s * STAGE_BYTES;
+        mbar_arrive_expect_tx(&full[s], STAGE_BYTES);  // out-of-bounds rows are zero-filled and still counted
+        tma_load(a, &xmaps.m[c], &full[s], (kt - kt_of.first[c]) * kBK, m0);
+        tma_load(a + A_BYTES, &wmap, &full[s], kt * kBK, n0);
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = wg - 1, tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+    const int row_lo = m0 + 64 * cw + 16 * warp + lane / 4, row_hi = row_lo + 8;  // this thread's tokens
+    const bool lo_ok = row_lo < num_tokens, hi_ok = row_hi < num_tokens;
+    const int K = kt_of.num_chunks;
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+
+    int c = 0;
+    for (int kt = 0; kt < num_kt; ++kt) {
+      const int s = kt % STAGES;
+      if (kt == kt_of.first[c + 1]) {  // chunk c + 1 begins
+        ++c;
+        if (mode == static_cast<int>(NormMode::kChunk)) {
+          wgmma_wait<0>();
+          fence_acc(acc);
+          const float lo = lo_ok ? scales[int64_t{row_lo} * K + c - 1] / scales[int64_t{row_lo} * K + c] : 1.f;
+          const float hi = hi_ok ? scales[int64_t{row_hi} * K + c - 1] / scales[int64_t{row_hi} * K + c] : 1.f;
+          scale_rows(acc, lo, hi);
+        }
+      }
+      mbar_wait(&full[s], (kt / STAGES) & 1);
+      const uint8_t* const a = smem + s * STAGE_BYTES + cw * 64 * (kBK * 2);
+      const uint8_t* const b = smem + s * STAGE_BYTES + A_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int k16 = 0; k16 < kBK / 16; ++k16)
+        Wgmma<T, BN>::mma(acc, sw128_desc(a + 32 * k16), sw128_desc(b + 32 * k16));
+      wgmma_commit();
+      wgmma_wait<1>();  // the group of k-tile kt - 1 is complete: its stage can be refilled
+      fence_acc(acc);
+      if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+    }
+    wgmma_wait<0>();
+    fence_acc(acc);
+
+    if (mode != static_cast<int>(NormMode::kNone)) {
+      const int last = mode == static_cast<int>(NormMode::kChunk) ? K - 1 : 0;
+      scale_rows(acc, lo_ok ? scales[int64_t{row_lo} * K + last] : 0.f, hi_ok ? scales[int64_t{row_hi} * K + last] : 0.f);
+    }
+    const int col0 = n0 + 2 * (lane % 4);
+    const bool pairs = n_out % 2 == 0;  // 4-byte aligned pairs of outputs
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = h ? row_hi : row_lo;
+      if (!(h ? hi_ok : lo_ok)) continue;
+      T* const orow = out + int64_t{row} * n_out;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int col = col0 + 8 * j;
+        const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+        if (pairs && col + 1 < n_out) {
+          *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(v0, v1);
+        } else {
+          if (col < n_out) orow[col] = from_float<T>(v0);
+          if (col + 1 < n_out) orow[col + 1] = from_float<T>(v1);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // launched only where the sm_90a code was built and selected (wgmma_runs_here)
+#endif
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+// Smallest T served (0: off, the default, until a GPU run has measured the kernel against
+// rms_norm_cat + cuBLAS with python -m bench.tune).
+std::atomic<int64_t> g_wgmma_min_tokens{0};
+// Features per block: 0 chooses (256 when that fills every multiprocessor, else 128).
+std::atomic<int64_t> g_wgmma_tile_n{0};
+
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+
+// The driver's tensor-map encoder, through the runtime (no link to libcuda); null when the
+// driver has none.
+EncodeTiled encoder() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return EncodeTiled{nullptr};
+    }
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// A [outer, inner] row-major matrix of 2-byte elements with rows `row_bytes` apart, read in
+// boxes of kBK x box_outer with 128-byte swizzle; out-of-bounds elements read as zeros.
+bool encode_map(CUtensorMap* map, at::ScalarType dt, const void* base, int64_t inner, int64_t outer,
+                int64_t row_bytes, int box_outer) {
+  const EncodeTiled encode = encoder();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_bytes)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_outer)};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUtensorMapDataType type =
+      dt == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, 2, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Whether `kernel` runs its real body on `device`: a Hopper GPU, and a build whose
+// architecture list named 9.0a. A plain 9.0 build reports the same binary and PTX versions
+// but holds only the trapping stub (wgmma needs sm_90a), so the register count tells them
+// apart: the body's accumulators alone take 64-128 registers, the stub 4. Cached per
+// device and kernel; the caller has made `device` current.
+bool wgmma_runs_here(const void* kernel, int device) {
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, bool> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find({device, kernel});
+  if (it != known.end()) return it->second;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  bool ok = false;
+  if (major == 9) {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess)
+      ok = attr.binaryVersion == 90 && attr.ptxVersion >= 90 && attr.numRegs >= 64;
+    else
+      (void)cudaGetLastError();
+  }
+  known[{device, kernel}] = ok;
+  return ok;
+}
+
+template <typename T, int BN>
+bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  const auto kernel = fc_wgmma_kernel<T, BN>;
+  const int device = weight.get_device();
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (!wgmma_runs_here(reinterpret_cast<const void*>(kernel), device)) return false;
+  if (max_smem_optin(device) < smem_bytes_for(BN)) return false;
+  const int64_t T_ = c.num_rows, N = weight.size(0);
+  const int num_chunks = static_cast<int>(c.rows.size());
+  const at::ScalarType dt = c.rows[0].scalar_type();
+
+  XMaps xmaps{};
+  KTiles tiles{};
+  ChunkTable tab{};  // for the statistics pre-pass
+  tiles.num_chunks = num_chunks;
+  for (int k = 0; k < num_chunks; ++k) {
+    const at::Tensor& x = c.rows[k];
+    if (!encode_map(&xmaps.m[k], dt, x.data_ptr(), c.widths[k], T_, x.stride(0) * 2, kBM)) return false;
+    tiles.first[k] = static_cast<int32_t>(c.offsets[k] / kBK);
+    tab.c[k] = ChunkDesc{x.data_ptr(), nullptr, x.stride(0), static_cast<int32_t>(c.widths[k]),
+                         static_cast<int32_t>(c.offsets[k]), 0, 1, kNoWeight};
+  }
+  tiles.first[num_chunks] = static_cast<int32_t>(c.total_width / kBK);
+  CUtensorMap wmap{};
+  if (!encode_map(&wmap, dt, weight.data_ptr(), c.total_width, N, weight.stride(0) * 2, BN)) return false;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  const at::Tensor scales = fc_row_scales(tab, c, eps, mode, weight, stream);
+  configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
+  const int64_t blocks = ((T_ + kBM - 1) / kBM) * ((N + BN - 1) / BN);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes_for(BN), stream>>>(
+      wmap, xmaps, tiles, scales.defined() ? scales.data_ptr<float>() : nullptr, static_cast<T*>(out.data_ptr()),
+      static_cast<int>(T_), static_cast<int>(N), static_cast<int>(mode));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+template <typename T>
+bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  int64_t bn = g_wgmma_tile_n.load(std::memory_order_relaxed);
+  if (bn == 0) {
+    const int64_t tiles256 = ((c.num_rows + kBM - 1) / kBM) * ((weight.size(0) + 255) / 256);
+    bn = tiles256 >= sm_count(weight.get_device()) ? 256 : 128;
+  }
+  return bn == 256 ? launch_tile<T, 256>(c, weight, eps, mode, out) : launch_tile<T, 128>(c, weight, eps, mode, out);
+}
+
+}  // namespace
+
+bool launch_fc_wgmma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  const int64_t T = c.num_rows, N = weight.size(0), min_tokens = g_wgmma_min_tokens.load(std::memory_order_relaxed);
+  // (T and N bounded so that the kernel's int tile origins and rows cannot overflow)
+  if (min_tokens == 0 || T < min_tokens || T < 1 || N < 1 || T > (1 << 30) || N > (1 << 30)) return false;
+  const at::ScalarType dt = c.rows[0].scalar_type();
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;  // fp32: rms_norm_cat + GEMM
+  if (c.rows.size() > static_cast<size_t>(kWgmmaMaxChunks)) return false;
+  // TMA: 16-byte aligned bases and row strides; a k-tile inside one chunk.
+  if (weight.stride(1) != 1 || weight.stride(0) != c.total_width || !aligned16(weight.data_ptr())) return false;
+  if (!aligned16(out.data_ptr())) return false;  // the epilogue's 4-byte pair stores
+  for (size_t k = 0; k < c.rows.size(); ++k) {
+    const at::Tensor& x = c.rows[k];
+    if (!aligned16(x.data_ptr()) || x.stride(0) % 8 != 0 || x.stride(0) < c.widths[k] || c.widths[k] < kBK ||
+        c.widths[k] % kBK != 0)
+      return false;
+  }
+  if (dt == at::kBFloat16) return launch_typed<__nv_bfloat16>(c, weight, eps, mode, out);
+  return launch_typed<__half>(c, weight, eps, mode, out);
+}
+
+int64_t fc_wgmma_min_tokens(int64_t value) {
+  if (value < 0) return g_wgmma_min_tokens.load();
+  return g_wgmma_min_tokens.exchange(value);
+}
+
+int64_t fc_wgmma_tile_n(int64_t value) {
+  if (value < 0) return g_wgmma_tile_n.load();
+  return g_wgmma_tile_n.exchange(value);
+}
+
+}  // namespace eagle3::cuda
