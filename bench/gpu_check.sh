@@ -52,7 +52,7 @@ command -v cuobjdump >/dev/null && step resources bash -c "cuobjdump --dump-reso
 step tune timeout 120 $PY -m bench.tune --out "$OUT/tune.json"
 step bench timeout 320 $PY -m bench --device cuda --out "$OUT" "$@"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests timeout 120 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"
+step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml"
 step memcheck timeout 70 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
 step racecheck timeout 50 compute-sanitizer --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --one
 
