@@ -50,7 +50,8 @@ def main() -> None:
     copy = timing.copy_gbps("cuda", 2 << 30)
     budget = timing.Budget(seconds=0.3, min_reps=10, max_reps=200, min_sample_s=1e-3)
     rows = []
-    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
+    card = torch.cuda.get_device_name()
+    print(f"{card}: copy {copy:.0f} GB/s")
     print("| op | T | H | variant | path | us | GB/s | % copy | rel err |")
     print("|---|---|---|---|---|---|---|---|---|")
 
@@ -71,16 +72,18 @@ def main() -> None:
     try:
         _sweep(measure)
     finally:
-        OPS._norm_stage_limit(default_stage)
-        OPS._fc_decode_max_tokens(default_decode)
-        OPS._norm_registers(default_regs)
-        OPS._fc_mma_max_tokens(default_mma)
-        OPS._fc_wgmma_min_tokens(default_wgmma)
-        OPS._fc_wgmma_tile_n(default_tile)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy,
-                       "rows": rows}, f, indent=1)
+        # the rows measured so far are written even when a kernel fails (the CUDA context
+        # may be unusable by then, so nothing below touches the device)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"card": card, "torch": torch.__version__, "copy_gbps": copy,
+                           "rows": rows}, f, indent=1)
+    OPS._norm_stage_limit(default_stage)
+    OPS._fc_decode_max_tokens(default_decode)
+    OPS._norm_registers(default_regs)
+    OPS._fc_mma_max_tokens(default_mma)
+    OPS._fc_wgmma_min_tokens(default_wgmma)
+    OPS._fc_wgmma_tile_n(default_tile)
 
 
 def _sweep(measure) -> None:
