@@ -1,6 +1,7 @@
-// rms_norm_cat_linear on CUDA with tensor cores, for the decode range (2 <= T <= 64): the
-// weight streams once through mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate) while
-// the normalised concatenation exists only in registers.
+// rms_norm_cat_linear on CUDA with tensor cores, for the decode range (T <= 64; T = 1 only
+// where the decode kernel declines it): the weight streams once through mma.sync m16n8k16
+// (bf16 / fp16 in, fp32 accumulate) while the normalised concatenation exists only in
+// registers.
 //
 // Two launches (one for norm "none"):
 //  1. fc_row_scales_kernel: per token, the scale of each chunk (chunk: rsqrt(mean(x_k^2) +
