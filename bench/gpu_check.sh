@@ -53,10 +53,13 @@ step tune timeout 120 $PY -m bench.tune --out "$OUT/tune.json"
 step bench timeout 320 $PY -m bench --device cuda --out "$OUT" "$@"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "not wgmma and not tensor_cores" --junitxml="$OUT/tests.xml"
-# the tensor-core fc kernels' graph tests and the wgmma kernel (not yet run on a GPU) in
+# The tensor-core fc kernels' graph tests and the wgmma kernel (not yet run on a GPU) in
 # their own step: a failure there (a trap leaves the process's CUDA context unusable)
-# cannot take the other tests' results with it
-step tests-tc timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "wgmma or tensor_cores"
+# cannot take the other tests' results with it. When they fail, bench/diagnose_wgmma.py
+# shows where the wgmma kernel goes wrong (operand k orders, token / feature order,
+# scales) for the next session to read off the log.
+step tests-tc timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "wgmma or tensor_cores" \
+  || step diagnose timeout 40 $PY bench/diagnose_wgmma.py
 step memcheck timeout 70 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
 step racecheck timeout 50 compute-sanitizer --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --one
 
@@ -64,7 +67,7 @@ echo
 echo "== gpu_check summary"
 printf '%s\n' "${SUMMARY[@]}"
 grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | grep -E " in [0-9.]+s" | tail -2
-grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cases:" "$LOG"
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cases:|diagnose_wgmma:" "$LOG"
 sed -n '/^===== tune: /,/^===== tune: rc/p' "$LOG" | grep -E "^\||copy"
 md=$(ls "$OUT"/*.md 2>/dev/null | head -1)
 [ -n "$md" ] && sed -n '/^## Summary/,/^## Every/p' "$md" | grep -E "^\|" | cut -c1-160
