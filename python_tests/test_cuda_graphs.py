@@ -131,13 +131,19 @@ def test_graph_rms_norm_cat_linear(seed, T, widths, layout, N, norm):
     W = eagle3_ops.fold_norm_weights(rng.linear_weight(N, sum(widths), BF), make_weights(rng, "same", widths, BF))
     g, out = capture(lambda: eagle3_ops.rms_norm_cat_linear(xs, W, EPS, norm))
     assert_output(out, (T, N), BF, DEV)
+    replay_and_check_linear(rng, g, out, bases, xs, W, norm)
+    del g, out
+    free_cuda()
+
+
+def replay_and_check_linear(rng, g, out, bases, xs, W, norm):
+    """Three replays of a captured rms_norm_cat_linear, each on fresh inputs into poisoned
+    outputs, against float64."""
     for i in range(3):
         refill(rng, bases)
         replay_poisoned(g, out)
         assert_close_to_fp64(out, reference.rms_norm_cat_linear_fp64(xs, W, EPS, norm),
                              reference.rms_norm_cat_linear(xs, W, EPS, norm), f"replay {i}")
-    del g, out
-    free_cuda()
 
 
 @pytest.mark.parametrize("norm", ["none", "chunk"])
@@ -160,11 +166,7 @@ def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, norm):
         W = rng.linear_weight(1000, 3 * 1024, BF)
         g, out = capture(lambda: eagle3_ops.rms_norm_cat_linear(xs, W, EPS, norm))
         assert torch.ops.eagle3._fc_last_path() == path
-        for i in range(3):
-            refill(rng, bases)
-            replay_poisoned(g, out)
-            assert_close_to_fp64(out, reference.rms_norm_cat_linear_fp64(xs, W, EPS, norm),
-                                 reference.rms_norm_cat_linear(xs, W, EPS, norm), f"replay {i}")
+        replay_and_check_linear(rng, g, out, bases, xs, W, norm)
         del g, out
     finally:
         op(prev)

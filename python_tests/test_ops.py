@@ -114,6 +114,15 @@ def check_linear(device, xs, bases, weight, eps, norm, lead, what="", path=None)
     return out
 
 
+def check_real_fc(device, seed, T, H, norm, path, N=None):
+    """The real fc: K = 3 chunks of width H (split views of one [T, 3H] bf16 tensor) into
+    N features (default H), through the given CUDA path."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", T, [H] * 3, torch.bfloat16)
+    w = rng.linear_weight(N or H, 3 * H, torch.bfloat16)
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path=path)
+
+
 # ---- rms_norm_cat ---------------------------------------------------------------------------
 
 
@@ -391,10 +400,7 @@ def test_rms_norm_cat_linear_decode(device, seed, decode_up_to_8, dtype, T, widt
 @pytest.mark.parametrize("T", [1, 4, 8])
 def test_rms_norm_cat_linear_decode_real_fc(device, seed, decode_up_to_8, T, N, norm):
     """The real fc (K = 3, H = 4096, bf16) at decode sizes, N = 4096 and a ragged N."""
-    rng = Rng(seed, device)
-    xs, bases = make_chunks(rng, "split", T, [4096] * 3, torch.bfloat16)
-    w = rng.linear_weight(N, 3 * 4096, torch.bfloat16)
-    check_linear(device, xs, bases, w, EPS, norm, (T,), path="decode")
+    check_real_fc(device, seed, T, 4096, norm, "decode", N=N)
 
 
 # ---- fold_norm_weights and the identity rms_norm_cat_linear rests on ------------------------
@@ -682,10 +688,7 @@ def test_rms_norm_cat_linear_mma(device, seed, mma_up_to_64, dtype, T, widths, n
 @pytest.mark.parametrize("H", [4096, 7168])
 def test_rms_norm_cat_linear_mma_real_fc(device, seed, mma_up_to_64, H, T, norm):
     """The real fc (K = 3, bf16, N = H) through the tensor-core kernel."""
-    rng = Rng(seed, device)
-    xs, bases = make_chunks(rng, "split", T, [H] * 3, torch.bfloat16)
-    w = rng.linear_weight(H, 3 * H, torch.bfloat16)
-    check_linear(device, xs, bases, w, EPS, norm, (T,), path="mma")
+    check_real_fc(device, seed, T, H, norm, "mma")
 
 
 def test_rms_norm_cat_linear_mma_t1(device, seed, mma_up_to_64):
@@ -786,10 +789,7 @@ def test_rms_norm_cat_linear_wgmma_strided_views(device, seed, wgmma_from_1, nor
 @pytest.mark.parametrize("H", [4096, 7168])
 def test_rms_norm_cat_linear_wgmma_real_fc(device, seed, wgmma_from_1, H, T, norm):
     """The real fc (K = 3, bf16, N = H) through the wgmma kernel."""
-    rng = Rng(seed, device)
-    xs, bases = make_chunks(rng, "split", T, [H] * 3, torch.bfloat16)
-    w = rng.linear_weight(H, 3 * H, torch.bfloat16)
-    check_linear(device, xs, bases, w, EPS, norm, (T,), path="wgmma" if wgmma_expected(device) else "pair")
+    check_real_fc(device, seed, T, H, norm, "wgmma" if wgmma_expected(device) else "pair")
 
 
 def test_fc_wgmma_switches_validate_their_argument():

@@ -32,39 +32,50 @@ struct Wgmma;
 """
 
 
-def wrapper(ctype: str, ptx: str, n: int) -> str:
+def asm_macro(n: int) -> str:
+    """EAGLE3_WGMMA_M64N<n>K16(TY): the asm statement for PTX type string TY, operands d,
+    a_desc, b_desc in scope."""
     regs = n // 2
-    dlist = ", ".join(f"%{i}" for i in range(regs))
+    dlines = [", ".join(f"%{j}" for j in range(i, min(i + 16, regs))) for i in range(0, regs, 16)]
+    dlist = [f'    "{"{" if i == 0 else ""}{line}{"}, " if i == len(dlines) - 1 else ", "}"'
+             for i, line in enumerate(dlines)]
     outs = []
     for i in range(0, regs, 8):
-        outs.append("          " + ", ".join(f'"+f"(d[{j}])' for j in range(i, min(i + 8, regs))))
-    return f"""
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <>
+        outs.append("      " + ", ".join(f'"+f"(d[{j}])' for j in range(i, min(i + 8, regs))))
+    body = [
+        "asm volatile(",
+        '    "{\\n"',
+        '    ".reg .pred p;\\n"',
+        f'    "setp.ne.b32 p, %{regs + 2}, 0;\\n"',
+        f'    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32." TY "." TY " "',
+        *dlist,
+        f'    "%{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n"',
+        '    "}\\n"',
+        "    : " + (",\n").join(outs).lstrip(),
+        '    : "l"(a_desc), "l"(b_desc), "r"(1))',
+    ]
+    lines = "\n".join(body).split("\n")
+    return f"#define EAGLE3_WGMMA_M64N{n}K16(TY) \\\n" + " \\\n".join("  " + line for line in lines) + "\n"
+
+
+def wrapper(ctype: str, ptx: str, n: int) -> str:
+    return f"""template <>
 struct Wgmma<{ctype}, {n}> {{
-  static __device__ __forceinline__ void mma(float (&d)[{regs}], uint64_t a_desc, uint64_t b_desc) {{
-    asm volatile(
-        "{{\\n"
-        ".reg .pred p;\\n"
-        "setp.ne.b32 p, %{regs + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-        "{{{dlist}}}, "
-        "%{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n"
-        "}}\\n"
-        : {(','+chr(10)).join(outs).lstrip()}
-        : "l"(a_desc), "l"(b_desc), "r"(1));
+  static __device__ __forceinline__ void mma(float (&d)[{n // 2}], uint64_t a_desc, uint64_t b_desc) {{
+    EAGLE3_WGMMA_M64N{n}K16("{ptx}");
   }}
 }};
-#endif
 """
 
 
 def main() -> None:
-    text = HEADER
+    text = HEADER + "\n#if defined(__CUDA_ARCH_FEAT_SM90_ALL)\n"
     for n in SHAPES:
+        text += "\n" + asm_macro(n)
         for ctype, ptx in TYPES.items():
-            text += wrapper(ctype, ptx, n)
-    text += "\n}  // namespace eagle3::cuda\n"
+            text += "\n" + wrapper(ctype, ptx, n)
+        text += f"\n#undef EAGLE3_WGMMA_M64N{n}K16\n"
+    text += "\n#endif  // __CUDA_ARCH_FEAT_SM90_ALL\n\n}  // namespace eagle3::cuda\n"
     out = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "wgmma.cuh"
     out.write_text(text)
     print(f"wrote {out}")
