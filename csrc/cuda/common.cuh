@@ -181,14 +181,18 @@ StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device);
 // keeps its kRegVecs vectors of each chunk in registers between the sum of squares and the
 // scaled write (the row is read once, nothing is staged). Used, when switched on, for rows
 // whose chunks all allow 16-byte accesses, at most kRegMaxChunks chunks, and at most
-// kRegVecs x kRegMaxThreads vectors per chunk; reg_threads gives the block size, 0 when a
+// kRegVecs x reg_max_threads(K) vectors per chunk; reg_threads gives the block size, 0 when a
 // row does not qualify.
 constexpr int kRegVecs = 4;
 constexpr int kRegMaxThreads = 512;
 constexpr int kRegMaxChunks = 4;
+// Four chunks' vectors do not fit the 128 registers a 512-thread block leaves each thread
+// (the 4-chunk instance spilled on sm_90a): that instance is bounded at 256 threads.
+constexpr int reg_max_threads(int num_chunks) { return num_chunks >= 4 ? 256 : kRegMaxThreads; }
 bool norm_registers();
 inline int reg_threads(int64_t max_vecs, int num_chunks, bool all_vec) {
-  if (!norm_registers() || !all_vec || num_chunks > kRegMaxChunks || max_vecs > int64_t{kRegVecs} * kRegMaxThreads)
+  if (!norm_registers() || !all_vec || num_chunks > kRegMaxChunks ||
+      max_vecs > int64_t{kRegVecs} * reg_max_threads(num_chunks))
     return 0;
   const int t = static_cast<int>((max_vecs + kRegVecs - 1) / kRegVecs);
   return std::max(32, round_up(t, 32));

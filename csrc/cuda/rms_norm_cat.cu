@@ -112,7 +112,7 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
 // nothing is staged, and the only barrier is the one around the per-warp sums. Every chunk
 // allows 16-byte accesses (reg_threads checks).
 template <typename T, int KMAX>
-__global__ void __launch_bounds__(kRegMaxThreads)
+__global__ void __launch_bounds__(reg_max_threads(KMAX))
 rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
                          T* __restrict__ out,  // [T, total] contiguous
                          const int64_t num_rows, const int total, const float eps, const int mode) {
