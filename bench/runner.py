@@ -206,7 +206,7 @@ def _base_row(case: C.Case, impl: C.Impl) -> Dict[str, Any]:
         "reps": None, "batch": None, "graph_us": None, "graph_p20_us": None, "graph_p80_us": None,
         "graph_calls": None, "bytes": case.bytes_moved(), "flops": case.flops(), "correct": False,
         "max_rel_err": None, "tol": None, "eager_rel_err": None, "error": None, "note": impl.note or None,
-        "first_call_s": None, "graph_error": None,
+        "first_call_s": None, "graph_error": None, "path": None,
     }
 
 
@@ -236,6 +236,8 @@ def run_case(case: C.Case, cfg: Config) -> List[Dict[str, Any]]:
             out = calls[0]()  # the first call: compiles, for "compile"
             timing.sync(case.device)
             row["first_call_s"] = time.perf_counter() - t0
+            if impl.name == "eagle3" and (case.op == C.FC_OP or case.op in C.DRAFTER_OPS):
+                row["path"] = torch.ops.eagle3._fc_last_path()  # which fc kernel served (the drafter's: its last fc)
             chk = checker(out)
             del out
             row["max_rel_err"], row["correct"] = chk.err, chk.ok
