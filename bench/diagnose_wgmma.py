@@ -24,6 +24,7 @@ import torch
 
 import eagle3_ops
 from eagle3_ops import reference
+from eagle3_ops.ops import kernel_switches
 
 OPS = torch.ops.eagle3
 DEV = "cuda"
@@ -52,7 +53,11 @@ def _report(name: str, mapping: list) -> bool:
 
 
 def diagnose(bn: int) -> bool:
-    OPS._fc_wgmma_tile_n(bn)
+    with kernel_switches(fc_wgmma_tile_n=bn):
+        return _diagnose(bn)
+
+
+def _diagnose(bn: int) -> bool:
     g = torch.Generator(device=DEV).manual_seed(0)
     ints = lambda *shape: torch.randint(-3, 4, shape, device=DEV, generator=g).to(BF)  # noqa: E731
     ok = True
@@ -103,15 +108,8 @@ def main() -> int:
     if torch.cuda.get_device_capability()[0] != 9:
         print("diagnose_wgmma: not a Hopper card")
         return 0
-    prev = (OPS._fc_wgmma_min_tokens(1), OPS._fc_wgmma_tile_n(-1), OPS._fc_decode_max_tokens(0),
-            OPS._fc_mma_max_tokens(0))
-    try:
+    with kernel_switches(fc_wgmma_min_tokens=1, fc_decode_max_tokens=0, fc_mma_max_tokens=0):
         ok = all([diagnose(128), diagnose(256)])
-    finally:
-        OPS._fc_wgmma_min_tokens(prev[0])
-        OPS._fc_wgmma_tile_n(prev[1])
-        OPS._fc_decode_max_tokens(prev[2])
-        OPS._fc_mma_max_tokens(prev[3])
     print("diagnose_wgmma:", "all correct" if ok else "WRONG")
     return 0 if ok else 1
 

@@ -17,6 +17,7 @@ import torch
 
 import eagle3_ops
 from eagle3_ops import reference as ref
+from eagle3_ops.ops import kernel_switches
 
 
 def _close(out, expect, what):
@@ -65,30 +66,19 @@ def run_cases(one: bool, g: torch.Generator, aligned: bool) -> int:
 
 def run(one: bool) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
-    ops = torch.ops.eagle3
-    stage, decode, regs = ops._norm_stage_limit(-1), ops._fc_decode_max_tokens(-1), ops._norm_registers(-1)
-    mma, wgmma = ops._fc_mma_max_tokens(-1), ops._fc_wgmma_min_tokens(-1)
+    stage, decode = torch.ops.eagle3._norm_stage_limit(-1), torch.ops.eagle3._fc_decode_max_tokens(-1)
     cases = 0
-    try:
-        # every kernel path: staged, two-pass and register-resident norms, the fc's decode
-        # kernel up to T=8, its mma.sync kernel (T = 5 here), and its wgmma kernel (every
-        # T, Hopper only; aligned views, the only ones it takes)
-        passes = ((stage, 8, 0, 0, 0, (False, True)), (0, decode, 0, 0, 0, (False, True)),
-                  (stage, decode, 1, 64, 0, (False, True)), (stage, 0, 0, 0, 1, (True,)))
-        for stage_limit, decode_tokens, registers, mma_tokens, wgmma_tokens, layouts in passes:
-            ops._norm_stage_limit(stage_limit)
-            ops._fc_decode_max_tokens(decode_tokens)
-            ops._norm_registers(registers)
-            ops._fc_mma_max_tokens(mma_tokens)
-            ops._fc_wgmma_min_tokens(wgmma_tokens)
+    # every kernel path: staged, two-pass and register-resident norms, the fc's decode
+    # kernel up to T=8, its mma.sync kernel (T = 5 here), and its wgmma kernel (every T,
+    # Hopper only; aligned views, the only ones it takes)
+    passes = ((stage, 8, 0, 0, 0, (False, True)), (0, decode, 0, 0, 0, (False, True)),
+              (stage, decode, 1, 64, 0, (False, True)), (stage, 0, 0, 0, 1, (True,)))
+    for stage_limit, decode_tokens, registers, mma_tokens, wgmma_tokens, layouts in passes:
+        with kernel_switches(norm_stage_limit=stage_limit, fc_decode_max_tokens=decode_tokens,
+                             norm_registers=registers, fc_mma_max_tokens=mma_tokens,
+                             fc_wgmma_min_tokens=wgmma_tokens):
             for aligned in layouts:
                 cases += run_cases(one, g, aligned)
-    finally:
-        ops._norm_stage_limit(stage)
-        ops._fc_decode_max_tokens(decode)
-        ops._norm_registers(regs)
-        ops._fc_mma_max_tokens(mma)
-        ops._fc_wgmma_min_tokens(wgmma)
     torch.cuda.synchronize()
     print(f"sanitize_cases: {cases} cases passed")
     return 0

@@ -24,6 +24,7 @@ import json
 import torch
 
 import eagle3_ops  # noqa: F401  (loads the ops)
+from eagle3_ops.ops import kernel_switches
 from bench import cases as C
 from bench import timing
 
@@ -64,11 +65,6 @@ def main() -> None:
         print(f"| {case.op} | {case.T} | {case.H} | {name} | {path} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} "
               f"| {err:.2g} |")
 
-    default_stage = OPS._norm_stage_limit(-1)
-    default_decode = OPS._fc_decode_max_tokens(-1)
-    default_regs = OPS._norm_registers(-1)
-    default_mma = OPS._fc_mma_max_tokens(-1)
-    default_wgmma, default_tile = OPS._fc_wgmma_min_tokens(-1), OPS._fc_wgmma_tile_n(-1)
     try:
         _sweep(measure)
     finally:
@@ -78,50 +74,34 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump({"card": card, "torch": torch.__version__, "copy_gbps": copy,
                            "rows": rows}, f, indent=1)
-    OPS._norm_stage_limit(default_stage)
-    OPS._fc_decode_max_tokens(default_decode)
-    OPS._norm_registers(default_regs)
-    OPS._fc_mma_max_tokens(default_mma)
-    OPS._fc_wgmma_min_tokens(default_wgmma)
-    OPS._fc_wgmma_tile_n(default_tile)
 
 
 def _sweep(measure) -> None:
-    default_stage, default_regs = OPS._norm_stage_limit(-1), OPS._norm_registers(-1)
+    """Each variant measured under its switches (kernel_switches restores them after)."""
+    default_stage = OPS._norm_stage_limit(-1)
     for op in ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm"):
         for T, H in ((64, 4096), (16384, 4096), (16384, 8192)):
             case = C.make_case(op, T, H, torch.bfloat16, "cuda")
             for name, limit, regs in (("staged", default_stage, 0), ("two-pass", 0, 0),
                                       ("registers", default_stage, 1)):
-                OPS._norm_stage_limit(limit)
-                OPS._norm_registers(regs)
-                measure(case, name)
-    OPS._norm_stage_limit(default_stage)
-    OPS._norm_registers(default_regs)
-    default_mma = OPS._fc_mma_max_tokens(-1)
+                with kernel_switches(norm_stage_limit=limit, norm_registers=regs):
+                    measure(case, name)
     for H in (4096, 7168):
         for T in (1, 2, 8, 16, 64):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
             variants = [("decode", 8, 0)] if T <= 8 else []
             variants += [("mma", 0, 64)] if T >= 2 else []
             for name, decode, mma in variants + [("norm_cat+cuBLAS", 0, 0)]:
-                OPS._fc_decode_max_tokens(decode)
-                OPS._fc_mma_max_tokens(mma)
-                measure(case, name)
-    OPS._fc_mma_max_tokens(default_mma)
+                with kernel_switches(fc_decode_max_tokens=decode, fc_mma_max_tokens=mma):
+                    measure(case, name)
     if torch.cuda.get_device_capability()[0] != 9:
         return
-    default_wgmma, default_tile = OPS._fc_wgmma_min_tokens(-1), OPS._fc_wgmma_tile_n(-1)
     for H in (4096, 7168):
         for T in (128, 2048, 16384):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
             for name, min_tokens, tile in (("wgmma-128", 1, 128), ("wgmma-256", 1, 256), ("norm_cat+cuBLAS", 0, 0)):
-                OPS._fc_wgmma_min_tokens(min_tokens)
-                OPS._fc_wgmma_tile_n(tile)
-                measure(case, name)
-    OPS._fc_wgmma_min_tokens(default_wgmma)
-    OPS._fc_wgmma_tile_n(default_tile)
-
+                with kernel_switches(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile):
+                    measure(case, name)
 
 if __name__ == "__main__":
     main()

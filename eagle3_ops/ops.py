@@ -11,8 +11,9 @@ any row stride, e.g. ``x.chunk(K, -1)`` of a ``[T, K*H]`` tensor, are read in pl
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +28,30 @@ __all__ = ["rms_norm_cat", "fused_add_rms_norm", "rms_norm_cat_linear", "fold_no
 def has_cuda_kernels() -> bool:
     """True when this build of eagle3_ops holds the CUDA kernels (else CPU only)."""
     return _ops._build_info() == "cuda"
+
+
+# The kernels' private strategy switches, each an op torch.ops.eagle3._<name>(value) that
+# sets the value and returns the previous one (-1 only queries).
+KERNEL_SWITCHES = ("norm_stage_limit", "norm_registers", "fc_decode_max_tokens", "fc_mma_max_tokens",
+                   "fc_wgmma_min_tokens", "fc_wgmma_tile_n")
+
+
+@contextlib.contextmanager
+def kernel_switches(**settings: int) -> Iterator[None]:
+    """The given strategy switches (names of KERNEL_SWITCHES) set for the block and restored
+    when it ends, also when it raises; for the benchmarks and tests that compare the CUDA
+    kernels' paths. An invalid value raises the op's own error; an unknown name, TypeError."""
+    unknown = sorted(set(settings) - set(KERNEL_SWITCHES))
+    if unknown:
+        raise TypeError(f"kernel_switches: unknown switch {unknown}; the switches are {list(KERNEL_SWITCHES)}")
+    previous = {}
+    try:
+        for name, value in settings.items():
+            previous[name] = getattr(_ops, "_" + name)(value)
+        yield
+    finally:
+        for name, value in reversed(list(previous.items())):
+            getattr(_ops, "_" + name)(value)
 
 
 _MAX_CHUNKS = 64  # kMaxChunks in csrc/checks.h

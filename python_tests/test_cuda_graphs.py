@@ -23,6 +23,7 @@ import torch
 
 import eagle3_ops
 from eagle3_ops import reference
+from eagle3_ops.ops import kernel_switches
 from conftest import requires_cuda
 from numerics import Rng, assert_close_to_fp64, assert_output, make_chunks, make_pair, make_weights
 
@@ -148,9 +149,9 @@ def replay_and_check_linear(rng, g, out, bases, xs, W, norm):
 
 @pytest.mark.parametrize("norm", ["none", "chunk"])
 @pytest.mark.parametrize("T,switch,path", [
-    pytest.param(24, "_fc_mma_max_tokens", "mma", id="mma-T24"),
-    pytest.param(300, "_fc_wgmma_min_tokens", "wgmma", id="wgmma-T300"),
-    pytest.param(4096, "_fc_wgmma_min_tokens", "wgmma", id="wgmma-T4096"),
+    pytest.param(24, "fc_mma_max_tokens", "mma", id="mma-T24"),
+    pytest.param(300, "fc_wgmma_min_tokens", "wgmma", id="wgmma-T300"),
+    pytest.param(4096, "fc_wgmma_min_tokens", "wgmma", id="wgmma-T4096"),
 ])
 def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, norm):
     """The tensor-core fc kernels (off by default until measured) captured and replayed
@@ -158,9 +159,7 @@ def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, norm):
     built at capture must serve every replay. The wgmma kernel only on Hopper."""
     if path == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma kernel needs a compute capability 9.x card")
-    op = getattr(torch.ops.eagle3, switch)
-    prev = op(64 if path == "mma" else 1)
-    try:
+    with kernel_switches(**{switch: 64 if path == "mma" else 1}):
         rng = Rng(seed, DEV)
         xs, bases = make_chunks(rng, "split", T, [1024] * 3, BF)
         W = rng.linear_weight(1000, 3 * 1024, BF)
@@ -168,8 +167,6 @@ def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, norm):
         assert torch.ops.eagle3._fc_last_path() == path
         replay_and_check_linear(rng, g, out, bases, xs, W, norm)
         del g, out
-    finally:
-        op(prev)
     free_cuda()
 
 

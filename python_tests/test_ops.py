@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import eagle3_ops
 from eagle3_ops import reference
+from eagle3_ops.ops import kernel_switches
 from conftest import devices
 from numerics import (
     DTYPE_IDS,
@@ -367,15 +368,9 @@ def test_rms_norm_cat_linear_large(device, seed, dtype, T, N, norm):
 def decode_up_to_8():
     """Route T <= 8 through the fc's CUDA decode kernel (by default it serves T = 1 only);
     restores the previous setting. A no-op for the CPU kernels."""
-    op = getattr(torch.ops.eagle3, "_fc_decode_max_tokens", None)
-    if op is None:
-        yield None
-        return
-    prev = op(8)
-    try:
-        yield op(-1)
-    finally:
-        op(prev)
+    with kernel_switches(fc_decode_max_tokens=8):
+        assert torch.ops.eagle3._fc_decode_max_tokens(-1) == 8
+        yield
 
 
 DECODE_WIDTHS = {"K1-64": [64], "K2-128-256": [128, 256], "K3-1024": [1024] * 3, "K5-8": [8] * 5}
@@ -581,9 +576,8 @@ def test_numerics_rule_rejects_bad_outputs(seed):
 def two_pass_norms():
     """Every row of the CUDA norm kernels read twice from global memory (no shared-memory
     stage), restored afterwards."""
-    old = torch.ops.eagle3._norm_stage_limit(0)
-    yield
-    torch.ops.eagle3._norm_stage_limit(old)
+    with kernel_switches(norm_stage_limit=0):
+        yield
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
@@ -611,12 +605,11 @@ def test_fused_add_rms_norm_two_pass(device, seed, two_pass_norms, dtype, H):
 @pytest.fixture
 def register_norms():
     """The register-resident CUDA norm kernels switched on (rows that do not qualify -- a
-    chunk without 16-byte accesses, more than 4 chunks, a chunk wider than 2048 vectors --
-    take the default kernels), restored afterwards."""
-    old = torch.ops.eagle3._norm_registers(1)
-    assert torch.ops.eagle3._norm_registers(-1) == 1
-    yield
-    torch.ops.eagle3._norm_registers(old)
+    chunk without 16-byte accesses, more than 4 chunks, a chunk wider than 2048 vectors,
+    1024 with 4 chunks -- take the default kernels), restored afterwards."""
+    with kernel_switches(norm_registers=1):
+        assert torch.ops.eagle3._norm_registers(-1) == 1
+        yield
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
@@ -654,13 +647,9 @@ def test_strategy_switches_validate_their_argument():
 def mma_up_to_64():
     """Route 2 <= T <= 64 through the fc's CUDA tensor-core kernel (off by default until
     measured); restores the previous setting. A no-op for the CPU kernels."""
-    op = torch.ops.eagle3._fc_mma_max_tokens
-    prev = op(64)
-    assert op(-1) == 64
-    try:
+    with kernel_switches(fc_mma_max_tokens=64):
+        assert torch.ops.eagle3._fc_mma_max_tokens(-1) == 64
         yield
-    finally:
-        op(prev)
 
 
 MMA_WIDTHS = {"K1-64": [64], "K2-96-32": [96, 32], "K3-1024": [1024] * 3, "K5-32": [32] * 5,
@@ -693,15 +682,12 @@ def test_rms_norm_cat_linear_mma_real_fc(device, seed, mma_up_to_64, H, T, norm)
 
 def test_rms_norm_cat_linear_mma_t1(device, seed, mma_up_to_64):
     """T = 1 through the tensor-core kernel (the decode kernel switched off)."""
-    decode = torch.ops.eagle3._fc_decode_max_tokens(0)
-    try:
-        rng = Rng(seed, device)
+    rng = Rng(seed, device)
+    with kernel_switches(fc_decode_max_tokens=0):
         for norm in NORMS:
             xs, bases = make_chunks(rng, "split", 1, [1024, 512, 64], torch.bfloat16)
             w = rng.linear_weight(129, 1600, torch.bfloat16)
             check_linear(device, xs, bases, w, EPS, norm, (1,), path="mma")
-    finally:
-        torch.ops.eagle3._fc_decode_max_tokens(decode)
 
 
 def test_fc_mma_switch_validates_its_argument():
@@ -725,16 +711,9 @@ def wgmma_from_1(request, device):
     CUDA only: on the CPU these calls are the pair the other grids already cover."""
     if torch.device(device).type != "cuda":
         pytest.skip("the wgmma kernel is a CUDA path; the CPU takes the pair, covered above")
-    ops = torch.ops.eagle3
-    prev = (ops._fc_wgmma_min_tokens(1), ops._fc_wgmma_tile_n(request.param), ops._fc_decode_max_tokens(0),
-            ops._fc_mma_max_tokens(0))
-    try:
+    with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=request.param, fc_decode_max_tokens=0,
+                         fc_mma_max_tokens=0):
         yield request.param
-    finally:
-        ops._fc_wgmma_min_tokens(prev[0])
-        ops._fc_wgmma_tile_n(prev[1])
-        ops._fc_decode_max_tokens(prev[2])
-        ops._fc_mma_max_tokens(prev[3])
 
 
 # K = 1..5 with 64-wide k-tiles (chunk boundaries between tiles).
@@ -790,6 +769,25 @@ def test_rms_norm_cat_linear_wgmma_strided_views(device, seed, wgmma_from_1, nor
 def test_rms_norm_cat_linear_wgmma_real_fc(device, seed, wgmma_from_1, H, T, norm):
     """The real fc (K = 3, bf16, N = H) through the wgmma kernel."""
     check_real_fc(device, seed, T, H, norm, "wgmma" if wgmma_expected(device) else "pair")
+
+
+def test_kernel_switches_restore_and_check_names():
+    """kernel_switches restores every switch it set, also when the block raises, and
+    refuses a name that is no switch (before setting any)."""
+    ops = torch.ops.eagle3
+    before = {name: getattr(ops, "_" + name)(-1) for name in eagle3_ops.ops.KERNEL_SWITCHES}
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernel_switches(fc_mma_max_tokens=64, norm_stage_limit=0):
+            if eagle3_ops.has_cuda_kernels():
+                assert (ops._fc_mma_max_tokens(-1), ops._norm_stage_limit(-1)) == (64, 0)
+            raise RuntimeError("inside")
+    with pytest.raises(TypeError, match="kernel_switches: unknown switch \\['fc_mma'\\]"):
+        with kernel_switches(norm_registers=1, fc_mma=64):
+            pass
+    with pytest.raises(ValueError, match="_fc_wgmma_tile_n: value must be"):
+        with kernel_switches(fc_decode_max_tokens=0, fc_wgmma_tile_n=64):
+            pass
+    assert {name: getattr(ops, "_" + name)(-1) for name in eagle3_ops.ops.KERNEL_SWITCHES} == before
 
 
 def test_fc_wgmma_switches_validate_their_argument():
