@@ -7,8 +7,7 @@
 # OUTDIR few files (a lent GPU machine returns at most 8): gpu_check.log (every step's
 # output, in order), tests.xml, tune.json (bench/tune.py: the kernels' alternative
 # strategies side by side), and the benchmark's JSON / markdown / PNG plots. Prints a
-# short table last. The benchmark runs right after the build, so a run cut short still
-# has its figures. Exit status: the number of failed steps.
+# short table last. Exit status: the number of failed steps.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [bench args]}
 shift
@@ -49,17 +48,18 @@ fi
 step kernels $PY -c "import eagle3_ops; assert eagle3_ops.has_cuda_kernels(), 'built without CUDA kernels'; print('CUDA kernels loaded')"
 command -v cuobjdump >/dev/null && step resources bash -c "cuobjdump --dump-resource-usage eagle3_ops/_C*.so | grep -E 'Function|REG' | paste - - | sed -E 's/Function ([^:]{0,90})[^:]*:/\\1/'"
 
-step tune timeout 120 $PY -m bench.tune --out "$OUT/tune.json"
-step bench timeout 320 $PY -m bench --device cuda --out "$OUT" "$@"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "not wgmma and not tensor_cores" --junitxml="$OUT/tests.xml"
-# The tensor-core fc kernels' graph tests and the wgmma kernel (not yet run on a GPU) in
-# their own step: a failure there (a trap leaves the process's CUDA context unusable)
-# cannot take the other tests' results with it. When they fail, bench/diagnose_wgmma.py
-# shows where the wgmma kernel goes wrong (operand k orders, token / feature order,
-# scales) for the next session to read off the log.
+# The tensor-core fc kernels' graph tests and the wgmma kernel (the least tried code) in
+# their own step, first: a failure there (a trap leaves the process's CUDA context
+# unusable) cannot take the other tests' results with it. When they fail,
+# bench/diagnose_wgmma.py shows where the wgmma kernel goes wrong (operand k orders,
+# token / feature order, scales) for the next session to read off the log.
 step tests-tc timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "wgmma or tensor_cores" \
   || step diagnose timeout 40 $PY bench/diagnose_wgmma.py
+step tune timeout 120 $PY -m bench.tune --out "$OUT/tune.json"
+# the benchmark writes the rows measured so far when its time limit stops it
+step bench timeout 280 $PY -m bench --device cuda --out "$OUT" "$@"
+step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "not wgmma and not tensor_cores" --junitxml="$OUT/tests.xml"
 step memcheck timeout 70 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
 step racecheck timeout 50 compute-sanitizer --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --one
 

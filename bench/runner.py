@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -353,6 +354,33 @@ def _progress(items, desc: str):
         return _Plain(items)
 
 
+
+class _CutShort(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so the per-case handler lets it through."""
+
+
+def _cut_short(signum, frame):
+    raise _CutShort()
+
+
+def _sweep(bar, cfg: "Config", device: str, rows: List[Dict[str, Any]]) -> None:
+    """Runs the cases in order, appending their rows to ``rows`` as each one ends."""
+    with torch.inference_mode():
+        for case in bar:
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(case.label)
+            if case.op not in C.DRAFTER_OPS:
+                C.release_drafter_models()  # kept only from one drafter case to the next
+            try:
+                rows += run_case(case, cfg)
+            except Exception as e:  # e.g. out of memory building the inputs
+                rows += _failed_case_rows(case, e)
+                C.release_drafter_models()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        C.release_drafter_models()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device
@@ -447,20 +475,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  mla_drafter_Hs)
     rows: List[Dict[str, Any]] = []
     bar = _progress(sweep_cases, "bench")
-    with torch.inference_mode():
-        for case in bar:
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(case.label)
-            if case.op not in C.DRAFTER_OPS:
-                C.release_drafter_models()  # kept only from one drafter case to the next
-            try:
-                rows += run_case(case, cfg)
-            except Exception as e:  # e.g. out of memory building the inputs
-                rows += _failed_case_rows(case, e)
-                C.release_drafter_models()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-        C.release_drafter_models()
+    # `timeout` (the GPU check's step limit) sends SIGTERM: the rows measured so far are
+    # still written, with a note saying where the sweep stopped.
+    signal.signal(signal.SIGTERM, _cut_short)
+    try:
+        _sweep(bar, cfg, device, rows)
+    except _CutShort:
+        meta["notes"].append(f"cut short by SIGTERM after {len(rows)} rows; the later cases were not measured")
+        print(f"bench: {meta['notes'][-1]}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for r in rows:  # per-case notes (e.g. liger omitted) are said once, in the header
         for n in r.pop("notes", []):
             if n not in meta["notes"]:
