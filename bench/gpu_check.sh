@@ -2,6 +2,7 @@
 # The GPU check: build, CUDA tests, compute-sanitizer, GPU benchmark — one command.
 #
 #   bash bench/gpu_check.sh OUTDIR [extra args for python -m bench, e.g. --quick]
+#   GPU_CHECK_SKIP="tune bench" bash bench/gpu_check.sh OUTDIR   # leave steps out (a re-check)
 #
 # Needs python3 with torch (CUDA), nvcc, cmake, ninja, pytest; no network. Writes into
 # OUTDIR few files (a lent GPU machine returns at most 8): gpu_check.log (every step's
@@ -20,8 +21,12 @@ export PYTHONUNBUFFERED=1
 : > "$LOG"
 declare -a SUMMARY
 failed=0
-step() {  # step NAME CMD...
+step() {  # step NAME CMD...; GPU_CHECK_SKIP="tune bench" leaves out the steps named
   local name=$1; shift
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    SUMMARY+=("$(printf '%-10s skipped (GPU_CHECK_SKIP)' "$name")")
+    return 0
+  fi
   local t0=$SECONDS
   echo "===== $name: $*" >> "$LOG"
   "$@" >> "$LOG" 2>&1
@@ -46,6 +51,11 @@ if ! step build $PY -m pip install --no-build-isolation --no-deps --no-index -e 
     && failed=$((failed - 1))  # the fallback stands in for the failed build
 fi
 step kernels $PY -c "import eagle3_ops; assert eagle3_ops.has_cuda_kernels(), 'built without CUDA kernels'; print('CUDA kernels loaded')"
+# the C++ runtime the library links (a static libstdc++ copy once crashed every error
+# message holding a number; see CMakeLists.txt)
+step runtime bash -c "readelf -d eagle3_ops/_C*.so | grep -E 'NEEDED.*(stdc|gcc|gomp)'; \
+  echo \"exported libstdc++ symbols: \$(nm -D --defined-only eagle3_ops/_C*.so | grep -c ' _ZNSt6locale')\"; \
+  \${CXX:-g++} --version | head -1; \${CXX:-g++} -print-file-name=libstdc++.so"
 command -v cuobjdump >/dev/null && step resources bash -c "cuobjdump --dump-resource-usage eagle3_ops/_C*.so | grep -E 'Function|REG' | paste - - | sed -E 's/Function ([^:]{0,90})[^:]*:/\\1/'"
 
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")

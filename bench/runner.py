@@ -21,7 +21,7 @@ Examples::
     python -m bench --device cpu --ops drafter_step --num-tokens 1,8 --hidden-size 2048
 
 The JSON records the commit from ``git rev-parse HEAD`` (``+dirty`` when the tree has
-changes); where the checkout has no .git (a copied tree), set EAGLE3_COMMIT.
+changes); EAGLE3_COMMIT, where set, names the commit instead (a copied tree).
 """
 
 from __future__ import annotations
@@ -156,11 +156,15 @@ def _git(*args: str) -> Optional[str]:
 
 
 def commit_id() -> str:
-    """Full sha of HEAD, '+dirty' when tracked files changed or untracked files exist
-    (bench/out is ignored); 'unknown' outside a git checkout."""
+    """EAGLE3_COMMIT where set (a copied tree may carry no or stale git metadata: a GPU
+    machine's copy reported an older HEAD); else the full sha of HEAD, '+dirty' when
+    tracked files changed or untracked files exist (bench/out is ignored); 'unknown'
+    outside a git checkout."""
+    if os.environ.get("EAGLE3_COMMIT"):
+        return os.environ["EAGLE3_COMMIT"]
     sha = _git("rev-parse", "HEAD")
     if not sha:
-        return os.environ.get("EAGLE3_COMMIT", "unknown")
+        return "unknown"
     status = _git("status", "--porcelain")
     return sha + ("+dirty" if status else "")
 

@@ -11,6 +11,9 @@ Cases that need two devices run only where CUDA is present. A subset also runs o
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -316,3 +319,18 @@ def test_ops_refuse_to_run_where_autograd_needs_a_backward():
         with torch.no_grad():
             call(x)
         call(x.detach())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs Linux and nm")
+def test_library_exports_no_cxx_runtime():
+    """The library must not carry an exported copy of the C++ runtime. A build that linked
+    libstdc++.a (the toolchain found no libstdc++.so) exported its own std::locale / ostream
+    symbols; streams then met the other copy's facets, and every error message that held a
+    number segfaulted instead of raising (seen on a GPU machine). CMakeLists.txt links the
+    shared runtime there, and keeps any static copy's symbols inside the library."""
+    out = subprocess.run(["nm", "-D", "--defined-only", str(eagle3_ops._lib)], capture_output=True, text=True,
+                         check=True).stdout
+    names = [line.split()[-1] for line in out.splitlines() if line.strip()]
+    assert any("eagle3" in n for n in names), "nm listed none of the library's own symbols"
+    runtime = [n for n in names if n.startswith(("_ZNSt6locale", "_ZNSo9_M_insert", "_ZNSt8ios_base"))]
+    assert not runtime, f"the library exports {len(runtime)} libstdc++ symbols, e.g. {runtime[:3]}"
