@@ -37,13 +37,19 @@ step() {  # step NAME CMD...; GPU_CHECK_SKIP="tune bench" leaves out the steps n
   return $rc
 }
 
+# Wheels carried in .whl/ (no network there; e.g. Liger-Kernel for the benchmark's liger
+# baseline: `pip download --no-deps liger-kernel==0.8.5 -d .whl` here, then carry .whl)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  step wheels $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/eagle3_wheels .whl/*.whl && export PYTHONPATH=/tmp/eagle3_wheels${PYTHONPATH:+:$PYTHONPATH}
+fi
 # Build for this card's architecture only (EAGLE3_CUDA_ARCH_LIST overrides), with every core.
 if [ -z "${EAGLE3_CUDA_ARCH_LIST:-}" ]; then
   EAGLE3_CUDA_ARCH_LIST=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
   export EAGLE3_CUDA_ARCH_LIST
 fi
 export MAX_JOBS=$(nproc) EAGLE3_WITH_CUDA=ON
-step env bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)'; nvcc --version | tail -2; git rev-parse HEAD 2>/dev/null || echo \"commit: \${EAGLE3_COMMIT:-unknown}\""
+step env bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)'; nvcc --version | tail -2; echo \"commit: \${EAGLE3_COMMIT:-\$(git rev-parse HEAD 2>/dev/null || echo unknown)}\""
 if ! step build $PY -m pip install --no-build-isolation --no-deps --no-index -e .; then
   # the plain CMake build of the same CMakeLists.txt, copied where the package loads it from
   SUFFIX=$($PY -c 'import importlib.machinery as m; print(m.EXTENSION_SUFFIXES[0])')
