@@ -219,8 +219,10 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   }
 }
 
-// Largest T served by the tensor-core kernel (0: off; the op's setter takes 0..64). Off
-// until a GPU run has measured it against rms_norm_cat + cuBLAS (python -m bench.tune).
+// Largest T served by the tensor-core kernel (0: off; the op's setter takes 0..64). Off:
+// on the H100 it lost to rms_norm_cat + cuBLAS at every T measured (graph replay, K=3,
+// bf16, H=4096: T=2 48.9 against 43.8 us, T=8 51.8 / 44.5, T=16 68.4 / 45.1, T=64 158.8 /
+// 47.6; H=7168 alike; bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json).
 std::atomic<int64_t> g_mma_max_tokens{0};
 constexpr int64_t kMmaMaxTokens = 64;
 

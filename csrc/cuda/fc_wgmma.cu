@@ -29,7 +29,7 @@
 // DESIGN.md section 2, item 3) instead of rounding x * s to the input dtype first as
 // rms_norm_cat + GEMM does; the result is at least as close to the fp64 reference.
 //
-// Off by default until a GPU run has measured it (torch.ops.eagle3._fc_wgmma_min_tokens).
+// Off by default (torch.ops.eagle3._fc_wgmma_min_tokens; the figures at g_wgmma_min_tokens).
 #include "cuda/common.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -270,8 +270,10 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
 
 // ---- host side --------------------------------------------------------------------------------
 
-// Smallest T served (0: off, the default, until a GPU run has measured the kernel against
-// rms_norm_cat + cuBLAS with python -m bench.tune).
+// Smallest T served (0: off, the default). On the H100 (K=3, bf16, N=H; bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json)
+// BN=256 beat rms_norm_cat + cuBLAS only at H=4096 for T=2048 (338 against 366 us) and
+// T=16384 (2630 / 2783); it lost at H=7168 (T=2048 1069 / 1002, T=16384 8256 / 7473) and at
+// T=128 (124 / 49, BN=128 77 / 49). Two points at one H set no threshold yet.
 std::atomic<int64_t> g_wgmma_min_tokens{0};
 // Features per block: 0 chooses (256 when that fills every multiprocessor, else 128).
 std::atomic<int64_t> g_wgmma_tile_n{0};
