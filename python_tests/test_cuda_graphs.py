@@ -204,6 +204,51 @@ def test_graph_all_ops_one_graph(seed):
         del g, outs
 
 
+
+@pytest.mark.parametrize("kind", ["llama", "deepseek"])
+def test_graph_drafters(seed, kind):
+    """Whole drafter steps (combine + forward, two layers), ours and the pure-PyTorch
+    reference, captured in one CUDA graph each: a forward copies nothing from the host (the
+    reference keeps its RoPE frequencies on the device) and replays on fresh ids, positions
+    and aux states match an eager forward on the same data."""
+    from eagle3_ops import nn as enn  # noqa: PLC0415
+    from eagle3_ops.nn import reference_modules as R  # noqa: PLC0415
+    from test_nn_deepseek import mla_config  # noqa: PLC0415
+    from test_nn_helpers import TARGET_HIDDEN, VOCAB, randomize_, tiny_config  # noqa: PLC0415
+
+    if kind == "llama":
+        cfg, Ours, Ref = tiny_config("fc_norm", 3, layers=2, rope="llama3"), enn.Eagle3LlamaDrafter, R.ReferenceLlamaDrafter
+    else:
+        cfg, Ours, Ref = mla_config("fc_norm", 3, layers=2, rope="yarn"), enn.Eagle3DeepseekDrafter, R.ReferenceDeepseekDrafter
+    ours = Ours(cfg, device=DEV)
+    randomize_(ours, seed)
+    ours.to(BF)
+    ref = Ref(cfg).to(device=DEV, dtype=BF)
+    ref.load_state_dict(ours.state_dict())
+    T, rng = 5, Rng(seed, DEV)
+    aux = rng.randn((T, 3 * TARGET_HIDDEN[3]), BF)
+    ids = torch.zeros(T, dtype=torch.long, device=DEV)
+    pos = torch.zeros(T, dtype=torch.long, device=DEV)
+    g = torch.Generator().manual_seed(seed)
+    for model in (ours, ref):
+        def step(m=model):
+            return m(ids, pos, m.combine_hidden_states(aux))
+
+        with torch.no_grad():
+            graph, outs = capture(step)
+            for start in (3, 700):
+                refill(rng, [aux])
+                ids.copy_(torch.randint(0, VOCAB, (T,), generator=g))
+                pos.copy_(torch.arange(T) + start)
+                replay_poisoned(graph, outs)
+                want = step()
+                for got, exp, what in zip(outs, want, ("out", "fed back")):
+                    assert not got.isnan().any(), f"{type(model).__name__} {what}: replay left NaN"
+                    torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-2,
+                                               msg=lambda m, w=what: f"{type(model).__name__} {w}: {m}")
+        del graph, outs
+    free_cuda()
+
 def test_ops_follow_current_stream(seed):
     """Inputs written on a side stream, op launched on it, read after syncing only that
     stream: a kernel launched on another stream would race (and capture above would fail)."""

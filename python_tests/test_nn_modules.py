@@ -305,6 +305,28 @@ def test_drafter_float64_and_autograd_use_the_reference_composition(seed):
     assert m32.layers[0].hidden_norm.weight.grad is not None
 
 
+
+def test_reference_rope_frequencies_built_once(seed):
+    """The reference drafters compute their RoPE frequencies once per dtype and device and
+    keep them on that device (so a forward copies nothing from the host and can be captured
+    in a CUDA graph; test_cuda_graphs captures it); the kept table is rope_inv_freq's, and
+    the second forward equals the first."""
+    cfg = tiny_config(norm="fc_norm", num_aux=3, layers=2, rope="llama3")
+    _, _, eager = _build(cfg, seed, torch.float32)
+    ids, pos, h = inputs(seed, 7, H, torch.float32, start=100)
+    with torch.no_grad():
+        first = eager(ids, pos, h)
+        cache = dict(eager.__dict__["_rope_inv_freq"])
+        second = eager(ids, pos, h)
+    kept = eager.__dict__["_rope_inv_freq"]
+    assert len(cache) == 1 and kept.keys() == cache.keys() and all(kept[k] is v for k, v in cache.items())
+    ((head_dim, dtype, device), inv), = cache.items()
+    c = eager.config
+    assert (head_dim, dtype, device) == (c.head_dim, torch.float32, torch.device("cpu"))
+    assert torch.equal(inv, R.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, dtype=torch.float32))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
 def test_drafter_parameter_names_are_checkpoint_names():
     m = enn.Eagle3LlamaDrafter(tiny_config(norm="norm_before_fc", num_aux=3, layers=2))
     keys = set(m.state_dict())

@@ -120,6 +120,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict], dtype=to
     return torch.tensor(inv, dtype=dtype)
 
 
+def _cached_rope_inv_freq(owner: nn.Module, head_dim: int, theta: float, scaling: Optional[dict],
+                         dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`rope_inv_freq` on ``device``, computed once per (head_dim, dtype, device) and kept
+    on ``owner`` as a plain attribute (not a buffer: not in the state dict, and valid after
+    ``to_empty``). So a forward copies nothing from the host and can be captured in a CUDA
+    graph; the values are those of ``rope_inv_freq``."""
+    cache = owner.__dict__.setdefault("_rope_inv_freq", {})
+    key = (head_dim, dtype, torch.device(device))
+    inv = cache.get(key)
+    if inv is None:
+        with torch.inference_mode(False):  # an ordinary tensor, usable outside inference mode too
+            inv = cache[key] = rope_inv_freq(head_dim, theta, scaling, dtype=dtype).to(device)
+    return inv
+
+
 def yarn_factors(scaling: Optional[dict]) -> tuple[float, float]:
     """(cos/sin multiplier, softmax-scale multiplier) of DeepSeek's YaRN: ``m(f, mscale) /
     m(f, mscale_all_dim)`` (or ``attention_factor``) and ``m(f, mscale_all_dim) ** 2``, with
@@ -274,7 +289,8 @@ class ReferenceMLAttention(nn.Module):
         m, c, nh = self.mla, self.c, self.heads
         B, S, _ = x.shape
         dtype = x.dtype
-        inv = rope_inv_freq(m.qk_rope_head_dim, c.rope_theta, c.rope_scaling, dtype=compute_dtype(dtype))
+        inv = _cached_rope_inv_freq(self, m.qk_rope_head_dim, c.rope_theta, c.rope_scaling, compute_dtype(dtype),
+                                   positions.device)
         cos_mult, softmax_mult = yarn_factors(c.rope_scaling)
         cos, sin = rope_cos_sin(positions, inv, dtype, cos_mult)
         rope = apply_rope_pairs if m.rope_interleave else apply_rope
@@ -381,7 +397,8 @@ class ReferenceLlamaDrafter(nn.Module):
         dtype = hidden_states.dtype
         cos = sin = None
         if c.mla is None:
-            inv = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, dtype=compute_dtype(dtype))
+            inv = _cached_rope_inv_freq(self, c.head_dim, c.rope_theta, c.rope_scaling, compute_dtype(dtype),
+                                       positions.device)
             cos, sin = rope_cos_sin(positions, inv, dtype, yarn_factors(c.rope_scaling)[0])
         e = self.embed_tokens(input_ids)
         h, residual = hidden_states, None
