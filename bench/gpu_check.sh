@@ -72,10 +72,14 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 # token / feature order, scales) for the next session to read off the log.
 step tests-tc timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "wgmma or tensor_cores" \
   || step diagnose timeout 40 $PY bench/diagnose_wgmma.py
-step tune timeout 120 $PY -m bench.tune --out "$OUT/tune.json"
+step tune timeout 150 $PY -m bench.tune --out "$OUT/tune.json"
 # the benchmark writes the rows measured so far when its time limit stops it
 step bench timeout 280 $PY -m bench --device cuda --out "$OUT" "$@"
 step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "not wgmma and not tensor_cores" --junitxml="$OUT/tests.xml"
+# Nsight Compute on the cases the benchmark leaves unexplained (bench/profile_cases.py)
+command -v ncu >/dev/null && step profile timeout 120 ncu --profile-from-start off --nvtx --clock-control none \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+  --section WarpStateStats $PY bench/profile_cases.py
 step memcheck timeout 70 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
 step racecheck timeout 50 compute-sanitizer --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --one
 

@@ -1,4 +1,4 @@
-"""Quick GPU comparison of the kernels' alternative strategies, in one process (~60 s).
+"""Quick GPU comparison of the kernels' alternative strategies, in one process (~1-2 min).
 
     python -m bench.tune [--out FILE.json]
 
@@ -8,8 +8,8 @@ cp.async), no stage (rows read twice from global memory, the second read from L2
 of the row in registers; ``torch.ops.eagle3._norm_registers(1)``). For the fc: the decode
 kernel (T <= 8), the mma.sync kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1, 2, 8, 16,
 64, selected with ``torch.ops.eagle3._fc_decode_max_tokens`` / ``_fc_mma_max_tokens``; on
-Hopper, the wgmma kernel with 128 and 256 features per block against rms_norm_cat + cuBLAS
-at T = 128, 2048, 16384 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n``). Each row names
+Hopper, the wgmma kernel (128 or 256 features per block) against rms_norm_cat + cuBLAS
+over T = 128..16384 x H = 4096..8192 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n``). Each row names
 the path that served it (``_fc_last_path``), so a kernel that declined shows as such.
 Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
 beside the copy bandwidth measured in the same run and the variant's error against float64.
@@ -96,10 +96,15 @@ def _sweep(measure) -> None:
                     measure(case, name)
     if torch.cuda.get_device_capability()[0] != 9:
         return
-    for H in (4096, 7168):
-        for T in (128, 2048, 16384):
+    # The grid a threshold needs (the first H100 run had the kernel ahead only at H=4096,
+    # T >= 2048): BN=128 up to T=1024 (BN=256 leaves SMs idle there), BN=256 above.
+    for H in (4096, 5120, 7168, 8192):
+        for T in (128, 1024, 2048, 4096, 8192, 16384):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
-            for name, min_tokens, tile in (("wgmma-128", 1, 128), ("wgmma-256", 1, 256), ("norm_cat+cuBLAS", 0, 0)):
+            tiles = (("wgmma-128", 1, 128),) if T <= 1024 else (("wgmma-256", 1, 256),)
+            if T in (128, 2048, 16384) and H in (4096, 7168):
+                tiles = (("wgmma-128", 1, 128), ("wgmma-256", 1, 256))  # both, as in the first run
+            for name, min_tokens, tile in tiles + (("norm_cat+cuBLAS", 0, 0),):
                 with kernel_switches(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile):
                     measure(case, name)
 

@@ -1,0 +1,63 @@
+"""The cases still unexplained by the benchmark, one call each, for Nsight Compute.
+
+    ncu --profile-from-start off --nvtx --section SpeedOfLight ... python3 bench/profile_cases.py
+
+Every case is called twice first (warm-up, the fc weight's first use), then once more
+between cudaProfilerStart / Stop inside an NVTX range named after it, so
+``--profile-from-start off`` profiles only those calls and ``--nvtx`` tells them apart.
+
+* rms_norm_cat, K=3, T=16384, H=4096 and 8192, bf16: 86% and 81.5% of the copy bandwidth
+  on the H100 (80ab0d8), where K=2 and K=1 rows reach 95-98% (occupancy, DRAM throughput,
+  stall reasons).
+* The fc at T=16384, H=7168, norm "chunk": the op (rms_norm_cat + the cuBLAS GEMM) and
+  F.linear alone on the normalised input. The pair took about 300 us more than the norm
+  kernel and F.linear timed apart; the kernels' names and durations show where it goes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import eagle3_ops
+
+EPS = 1e-6
+
+
+def cases():
+    dev, bf = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    out = []
+    for H in (4096, 8192):
+        xs = list(torch.randn(16384, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
+        ws = [1 + 0.1 * torch.randn(H, device=dev, dtype=bf, generator=g) for _ in range(3)]
+        out.append((f"rms_norm_cat K=3 T=16384 H={H}", lambda xs=xs, ws=ws: eagle3_ops.rms_norm_cat(xs, ws, EPS)))
+    H = 7168
+    xs = list(torch.randn(16384, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
+    w = torch.randn(H, 3 * H, device=dev, dtype=bf, generator=g) / (3 * H) ** 0.5
+    xn = eagle3_ops.rms_norm_cat(xs)
+    out.append(("rms_norm_cat_linear chunk T=16384 H=7168",
+                lambda: eagle3_ops.rms_norm_cat_linear(xs, w, EPS, "chunk")))
+    out.append(("F.linear alone T=16384 H=7168", lambda: F.linear(xn, w)))
+    return out
+
+
+def main() -> None:
+    todo = cases()
+    with torch.inference_mode():
+        for _, fn in todo:
+            fn()
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        for name, fn in todo:
+            torch.cuda.nvtx.range_push(name)
+            fn()
+            torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    print("profile_cases: " + "; ".join(name for name, _ in todo))
+
+
+if __name__ == "__main__":
+    main()
