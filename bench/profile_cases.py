@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import eagle3_ops
+from eagle3_ops.ops import kernel_switches
 
 EPS = 1e-6
 
@@ -39,6 +40,18 @@ def cases():
     out.append(("rms_norm_cat_linear chunk T=16384 H=7168",
                 lambda: eagle3_ops.rms_norm_cat_linear(xs, w, EPS, "chunk")))
     out.append(("F.linear alone T=16384 H=7168", lambda: F.linear(xn, w)))
+    # Decode sizes: the mma.sync kernel (off by default; 65% of the copy bandwidth at T=8 on
+    # the H100) beside the pair it lost to.
+    H = 4096
+    xs8 = list(torch.randn(8, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
+    w8 = torch.randn(H, 3 * H, device=dev, dtype=bf, generator=g) / (3 * H) ** 0.5
+
+    def mma():
+        with kernel_switches(fc_mma_max_tokens=64):
+            return eagle3_ops.rms_norm_cat_linear(xs8, w8, EPS, "chunk")
+
+    out.append(("rms_norm_cat_linear chunk T=8 H=4096 mma", mma))
+    out.append(("rms_norm_cat_linear chunk T=8 H=4096 pair", lambda: eagle3_ops.rms_norm_cat_linear(xs8, w8, EPS, "chunk")))
     return out
 
 
