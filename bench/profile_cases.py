@@ -51,7 +51,8 @@ def cases():
             return eagle3_ops.rms_norm_cat_linear(xs8, w8, EPS, "chunk")
 
     out.append(("rms_norm_cat_linear chunk T=8 H=4096 mma", mma))
-    out.append(("rms_norm_cat_linear chunk T=8 H=4096 pair", lambda: eagle3_ops.rms_norm_cat_linear(xs8, w8, EPS, "chunk")))
+    out.append(("rms_norm_cat_linear chunk T=8 H=4096 pair",
+                lambda: eagle3_ops.rms_norm_cat_linear(xs8, w8, EPS, "chunk")))
     return out
 
 

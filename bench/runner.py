@@ -358,7 +358,6 @@ def _progress(items, desc: str):
         return _Plain(items)
 
 
-
 class _CutShort(BaseException):
     """Raised by the SIGTERM handler; a BaseException so the per-case handler lets it through."""
 

@@ -9,8 +9,9 @@ of the row in registers; ``torch.ops.eagle3._norm_registers(1)``). For the fc: t
 kernel (T <= 8), the mma.sync kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1, 2, 8, 16,
 64, selected with ``torch.ops.eagle3._fc_decode_max_tokens`` / ``_fc_mma_max_tokens``; on
 Hopper, the wgmma kernel (128 or 256 features per block) against rms_norm_cat + cuBLAS
-over T = 128..16384 x H = 4096..8192 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n``). Each row names
-the path that served it (``_fc_last_path``), so a kernel that declined shows as such.
+over T = 128..16384 x H = 4096..8192 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n``).
+Each row names the path that served it (``_fc_last_path``), so a kernel that declined
+shows as such.
 Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
 beside the copy bandwidth measured in the same run and the variant's error against float64.
 The defaults in csrc/ are chosen from these tables.

@@ -204,7 +204,6 @@ def test_graph_all_ops_one_graph(seed):
         del g, outs
 
 
-
 @pytest.mark.parametrize("kind", ["llama", "deepseek"])
 def test_graph_drafters(seed, kind):
     """Whole drafter steps (combine + forward, two layers), ours and the pure-PyTorch
@@ -217,9 +216,11 @@ def test_graph_drafters(seed, kind):
     from test_nn_helpers import TARGET_HIDDEN, VOCAB, randomize_, tiny_config  # noqa: PLC0415
 
     if kind == "llama":
-        cfg, Ours, Ref = tiny_config("fc_norm", 3, layers=2, rope="llama3"), enn.Eagle3LlamaDrafter, R.ReferenceLlamaDrafter
+        cfg = tiny_config("fc_norm", 3, layers=2, rope="llama3")
+        Ours, Ref = enn.Eagle3LlamaDrafter, R.ReferenceLlamaDrafter
     else:
-        cfg, Ours, Ref = mla_config("fc_norm", 3, layers=2, rope="yarn"), enn.Eagle3DeepseekDrafter, R.ReferenceDeepseekDrafter
+        cfg = mla_config("fc_norm", 3, layers=2, rope="yarn")
+        Ours, Ref = enn.Eagle3DeepseekDrafter, R.ReferenceDeepseekDrafter
     ours = Ours(cfg, device=DEV)
     randomize_(ours, seed)
     ours.to(BF)
@@ -248,6 +249,7 @@ def test_graph_drafters(seed, kind):
                                                msg=lambda m, w=what: f"{type(model).__name__} {w}: {m}")
         del graph, outs
     free_cuda()
+
 
 def test_ops_follow_current_stream(seed):
     """Inputs written on a side stream, op launched on it, read after syncing only that

@@ -305,7 +305,6 @@ def test_drafter_float64_and_autograd_use_the_reference_composition(seed):
     assert m32.layers[0].hidden_norm.weight.grad is not None
 
 
-
 def test_reference_rope_frequencies_built_once(seed):
     """The reference drafters compute their RoPE frequencies once per dtype and device and
     keep them on that device (so a forward copies nothing from the host and can be captured
@@ -326,6 +325,7 @@ def test_reference_rope_frequencies_built_once(seed):
     assert torch.equal(inv, R.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, dtype=torch.float32))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
 
 def test_drafter_parameter_names_are_checkpoint_names():
     m = enn.Eagle3LlamaDrafter(tiny_config(norm="norm_before_fc", num_aux=3, layers=2))

@@ -270,8 +270,8 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
 
 // ---- host side --------------------------------------------------------------------------------
 
-// Smallest T served (0: off, the default). On the H100 (K=3, bf16, N=H; bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json)
-// BN=256 beat rms_norm_cat + cuBLAS only at H=4096 for T=2048 (338 against 366 us) and
+// Smallest T served (0: off, the default). On the H100 (K=3, bf16, N=H;
+// bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json) BN=256 beat rms_norm_cat + cuBLAS only at H=4096 for T=2048 (338 against 366 us) and
 // T=16384 (2630 / 2783); it lost at H=7168 (T=2048 1069 / 1002, T=16384 8256 / 7473) and at
 // T=128 (124 / 49, BN=128 77 / 49). Two points at one H set no threshold yet.
 std::atomic<int64_t> g_wgmma_min_tokens{0};

@@ -110,7 +110,8 @@ fc_decode_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
 // (bench/results/nvidia-h200-9270c2ab7fde.json, T=1 only); at 6e31654 it was 0.63 / 0.85x
 // at T=2 and 0.23 / 0.18x at T=8 (its CUDA-core FMAs grow with T), while norm_cat + cuBLAS
 // held 0.83 / 0.91x at T=2..64 (9270c2a). The H100 run of 80ab0d8 agrees: T=1 39.0 / 106.9
-// us against 44.1 / 118.3 for the pair, T=2 49.2 / 158.4 against 43.8 / 118.8 (bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json).
+// us against 44.1 / 118.3 for the pair, T=2 49.2 / 158.4 against 43.8 / 118.8
+// (bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json).
 std::atomic<int64_t> g_decode_max_tokens{1};
 
 }  // namespace
