@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_check.sh OUTDIR [extra args for python -m bench, e.g. --quick]
 #   GPU_CHECK_SKIP="tune bench" bash bench/gpu_check.sh OUTDIR   # leave steps out (a re-check)
+#   GPU_CHECK_PROFILE=1 bash bench/gpu_check.sh OUTDIR           # add Nsight Compute (profile_cases.py)
 #
 # Needs python3 with torch (CUDA), nvcc, cmake, ninja, pytest; no network. Writes into
 # OUTDIR few files (a lent GPU machine returns at most 8): gpu_check.log (every step's
@@ -76,8 +77,9 @@ step tune timeout 150 $PY -m bench.tune --out "$OUT/tune.json"
 # the benchmark writes the rows measured so far when its time limit stops it
 step bench timeout 280 $PY -m bench --device cuda --out "$OUT" "$@"
 step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "not wgmma and not tensor_cores" --junitxml="$OUT/tests.xml"
-# Nsight Compute on the cases the benchmark leaves unexplained (bench/profile_cases.py)
-command -v ncu >/dev/null && step profile timeout 120 ncu --profile-from-start off --nvtx --clock-control none \
+# Nsight Compute on the cases the benchmark leaves unexplained (bench/profile_cases.py);
+# about a minute, so only with GPU_CHECK_PROFILE=1
+[ -n "${GPU_CHECK_PROFILE:-}" ] && command -v ncu >/dev/null && step profile timeout 120 ncu --profile-from-start off --nvtx --clock-control none \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
   --section WarpStateStats $PY bench/profile_cases.py
 step memcheck timeout 70 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
