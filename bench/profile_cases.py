@@ -7,8 +7,9 @@ between cudaProfilerStart / Stop inside an NVTX range named after it, so
 ``--profile-from-start off`` profiles only those calls and ``--nvtx`` tells them apart.
 
 * rms_norm_cat, K=3, T=16384, H=4096 and 8192, bf16: 86% and 81.5% of the copy bandwidth
-  on the H100 (80ab0d8), where K=2 and K=1 rows reach 95-98% (occupancy, DRAM throughput,
-  stall reasons).
+  on the H100 (80ab0d8), where K=3 at H=7168 and the K=2 and K=1 rows reach 94-98%
+  (occupancy, DRAM throughput, stall reasons); beside them the same rows with one block per
+  (row, chunk), and as three separate tensors instead of views of one [T, 3H] tensor.
 * The fc at T=16384, H=7168, norm "chunk": the op (rms_norm_cat + the cuBLAS GEMM) and
   F.linear alone on the normalised input. The pair took about 300 us more than the norm
   kernel and F.linear timed apart; the kernels' names and durations show where it goes.
@@ -33,6 +34,17 @@ def cases():
         xs = list(torch.randn(16384, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
         ws = [1 + 0.1 * torch.randn(H, device=dev, dtype=bf, generator=g) for _ in range(3)]
         out.append((f"rms_norm_cat K=3 T=16384 H={H}", lambda xs=xs, ws=ws: eagle3_ops.rms_norm_cat(xs, ws, EPS)))
+
+        def split(xs=xs, ws=ws):
+            with kernel_switches(norm_split_chunks=1):
+                return eagle3_ops.rms_norm_cat(xs, ws, EPS)
+
+        out.append((f"rms_norm_cat K=3 T=16384 H={H} one block per (row, chunk)", split))
+    # The same rows as three separate tensors (the benchmark's are views of one [T, 3H]
+    # tensor; its K=2 and K=1 cases, at 95-98%, read separate tensors).
+    xs3 = [torch.randn(16384, 4096, device=dev, dtype=bf, generator=g) for _ in range(3)]
+    ws3 = [1 + 0.1 * torch.randn(4096, device=dev, dtype=bf, generator=g) for _ in range(3)]
+    out.append(("rms_norm_cat K=3 T=16384 H=4096 separate tensors", lambda: eagle3_ops.rms_norm_cat(xs3, ws3, EPS)))
     H = 7168
     xs = list(torch.randn(16384, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
     w = torch.randn(H, 3 * H, device=dev, dtype=bf, generator=g) / (3 * H) ** 0.5

@@ -82,6 +82,18 @@ TORCH_LIBRARY(eagle3, m) {
     return 0;
 #endif
   });
+  // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk (1),
+  // or one block per row (0, the default); sets it and returns the previous value, -1 only
+  // queries. For python -m bench.tune and the tests.
+  m.def("_norm_split_chunks(int value=-1) -> int", [](int64_t value) -> int64_t {
+    TORCH_CHECK_VALUE(value >= -1 && value <= 1, "_norm_split_chunks: value must be -1 (query), 0 or 1, got ",
+                      value);
+#ifdef EAGLE3_WITH_CUDA
+    return eagle3::cuda::set_norm_split_chunks(value);
+#else
+    return 0;
+#endif
+  });
   // "cuda" when this build holds the CUDA kernels, else "cpu" (eagle3_ops.has_cuda_kernels()).
   m.def("_build_info() -> str", []() -> std::string {
 #ifdef EAGLE3_WITH_CUDA

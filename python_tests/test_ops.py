@@ -10,6 +10,7 @@ CUDA the op runs after the caching allocator was filled with NaN).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -633,7 +634,43 @@ def test_fused_add_rms_norm_registers(device, seed, register_norms, dtype, H):
     check_fused_add(device, x, r, bases, rng.norm_weight(H, torch.float32), EPS)
 
 
+# ---- rms_norm_cat with one block per (row, chunk) -------------------------------------------
+
+
+@pytest.fixture
+def split_norms():
+    """rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk
+    ("shared" rows keep one block per row), restored afterwards."""
+    with kernel_switches(norm_split_chunks=1):
+        assert torch.ops.eagle3._norm_split_chunks(-1) == 1
+        yield
+
+
+@pytest.mark.parametrize("stage", ["staged", "two-pass"])
+@pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
+@pytest.mark.parametrize("layout", ["split", "contig", "padded"])
+@pytest.mark.parametrize("widths", [[4096, 4096, 4096], [8192, 8192, 8192], [769, 100, 64], [1, 3, 8, 17, 33]],
+                         ids=["3x4096", "3x8192", "odd", "5chunks"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_split_chunks(device, seed, split_norms, dtype, widths, layout, shared, stage):
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, layout, 29, widths, dtype)
+    weights = make_weights(rng, "mixed", widths, dtype)
+    with kernel_switches(norm_stage_limit=0) if stage == "two-pass" else contextlib.nullcontext():
+        check_rms_norm_cat(device, xs, bases, weights, EPS, shared, lead_shape(layout, 29))
+
+
+@pytest.mark.parametrize("norm", ["none", "chunk", "shared"])
+def test_rms_norm_cat_linear_pair_split_chunks(device, seed, split_norms, norm):
+    """The fc's pair path normalises through the same kernel (without weights)."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", 300, [4096, 768, 64], torch.bfloat16)
+    check_linear(device, xs, bases, rng.linear_weight(96, 4928, torch.bfloat16), EPS, norm, (300,), path="pair")
+
+
 def test_strategy_switches_validate_their_argument():
+    with pytest.raises(ValueError, match="_norm_split_chunks: value must be -1 \\(query\\), 0 or 1, got 2"):
+        torch.ops.eagle3._norm_split_chunks(2)
     with pytest.raises(ValueError, match="_norm_registers: value must be -1 \\(query\\), 0 or 1, got 2"):
         torch.ops.eagle3._norm_registers(2)
     with pytest.raises(ValueError, match="_norm_stage_limit: value must be -1"):

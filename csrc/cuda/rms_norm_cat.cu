@@ -9,14 +9,24 @@
 // row reuses the stage. Rows wider than the stage limit (or all rows, with
 // _norm_stage_limit(0)) are read twice from global memory instead (the second read hits L2).
 // A third strategy keeps the row in registers (rms_norm_cat_regs_kernel, _norm_registers(1)).
+// With _norm_split_chunks(1), per-chunk ("chunk" / "none") rows give each chunk of each row
+// its own block (T x K blocks, each staging one chunk, the shape of the fused add's rows):
+// a candidate for the K=3 rows that stay under 90% of the copy bandwidth (see
+// bench/results/NOTES.md); off by default until measured.
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
+
+#include <atomic>
 
 namespace eagle3::cuda {
 namespace {
 
 constexpr int kMaxThreads = 512;
+
+// One block per (row, chunk) for per-chunk norms (set_norm_split_chunks); off by default
+// until measured (python -m bench.tune, "staged-split").
+std::atomic<bool> g_norm_split_chunks{false};
 
 // Scales V elements in fp32 by `scale` and the chunk's weight, rounds once to T.
 template <typename T>
@@ -30,24 +40,30 @@ __device__ __forceinline__ Vec<T> scale_vec(const Vec<T>& x, float scale, const 
   return y;
 }
 
+// split: each work item is one chunk of one row (item = row * num_chunks + k; never with
+// norm "shared", whose scale needs the whole row), staged at the start of the stage.
 template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kMaxThreads)
 rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
                     T* __restrict__ out,  // [T, total] contiguous
-                    const int64_t num_rows, const int total, const float eps, const int mode) {
+                    const int64_t num_rows, const int total, const float eps, const int mode, const bool split) {
   constexpr int V = Vec<T>::N;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int nwarps = blockDim.x / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* warp_sums = reinterpret_cast<float*>(smem_raw);  // [num_chunks][nwarps]
   T* stage = reinterpret_cast<T*>(smem_raw + ((num_chunks * nwarps * sizeof(float) + 15) / 16) * 16);
+  const int64_t num_items = split ? num_rows * num_chunks : num_rows;
 
-  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < num_items; item += gridDim.x) {
+    const int64_t row = split ? item / num_chunks : item;
+    const int k_lo = split ? static_cast<int>(item - row * num_chunks) : 0;
+    const int k_hi = split ? k_lo + 1 : num_chunks;
     if constexpr (kStaged) {
-      for (int k = 0; k < num_chunks; ++k) {
+      for (int k = k_lo; k < k_hi; ++k) {
         const ChunkDesc& c = tab.c[k];
         const T* src = static_cast<const T*>(c.x) + row * c.x_stride;
-        T* dst = stage + c.smem_off;
+        T* dst = stage + (split ? 0 : c.smem_off);
         if (c.vec) {
           for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V) cp_async16(dst + i, src + i);
         } else {
@@ -58,9 +74,9 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
     }
     // Per-chunk sums of squares; each thread reads back only what it staged itself.
     if (mode != static_cast<int>(NormMode::kNone)) {
-      for (int k = 0; k < num_chunks; ++k) {
+      for (int k = k_lo; k < k_hi; ++k) {
         const ChunkDesc& c = tab.c[k];
-        const T* src = kStaged ? stage + c.smem_off : static_cast<const T*>(c.x) + row * c.x_stride;
+        const T* src = kStaged ? stage + (split ? 0 : c.smem_off) : static_cast<const T*>(c.x) + row * c.x_stride;
         float ss = 0.f;
         if (c.vec) {
           for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V) {
@@ -83,7 +99,7 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
       shared_scale = rsqrtf(s / static_cast<float>(total) + eps);
     }
     T* out_row = out + row * static_cast<int64_t>(total);
-    for (int k = 0; k < num_chunks; ++k) {
+    for (int k = k_lo; k < k_hi; ++k) {
       const ChunkDesc& c = tab.c[k];
       float scale = shared_scale;
       if (mode == static_cast<int>(NormMode::kChunk)) {
@@ -91,7 +107,7 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
         for (int w = 0; w < nwarps; ++w) s += warp_sums[k * nwarps + w];
         scale = rsqrtf(s / static_cast<float>(c.width) + eps);
       }
-      const T* src = kStaged ? stage + c.smem_off : static_cast<const T*>(c.x) + row * c.x_stride;
+      const T* src = kStaged ? stage + (split ? 0 : c.smem_off) : static_cast<const T*>(c.x) + row * c.x_stride;
       T* dst = out_row + c.out_off;
       if (c.vec) {
         for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V)
@@ -101,7 +117,7 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
           dst[i] = from_float<T>(to_float(src[i]) * scale * weight_at<T>(c.w, c.w_kind, i));
       }
     }
-    __syncthreads();  // warp_sums and the stage are reused by the block's next row
+    __syncthreads();  // warp_sums and the stage are reused by the block's next item
   }
 }
 
@@ -190,6 +206,11 @@ rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_c
 
 }  // namespace
 
+int64_t set_norm_split_chunks(int64_t on) {
+  if (on < 0) return g_norm_split_chunks.load() ? 1 : 0;
+  return g_norm_split_chunks.exchange(on != 0) ? 1 : 0;
+}
+
 void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
                      at::Tensor& out) {
   const int num_chunks = static_cast<int>(c.rows.size());  // <= kMaxChunks (checked by check_chunks)
@@ -202,7 +223,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
   EAGLE3_DISPATCH_FLOAT_TYPES(x0.scalar_type(), "rms_norm_cat", [&] {
     constexpr int V = Vec<scalar_t>::N;
     ChunkTable tab{};
-    int64_t max_vecs = 1, stage_elems = 0;
+    int64_t max_vecs = 1, stage_elems = 0, max_chunk_elems = 0;
     for (int k = 0; k < num_chunks; ++k) {
       const at::Tensor& x = c.rows[k];
       const at::Tensor* w = weights_1d.empty() || !weights_1d[k].defined() ? nullptr : &weights_1d[k];
@@ -217,6 +238,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       d.vec = aligned16(d.x) && aligned16(out.data_ptr()) && d.x_stride % V == 0 && d.width % V == 0 && d.out_off % V == 0 &&
               c.total_width % V == 0 && (d.w == nullptr || aligned16(d.w));
       stage_elems += (c.widths[k] + V - 1) / V * V;
+      max_chunk_elems = std::max<int64_t>(max_chunk_elems, (c.widths[k] + V - 1) / V * V);
       max_vecs = std::max<int64_t>(max_vecs, d.vec ? d.width / V : d.width);
     }
     const int64_t grid = std::min<int64_t>(c.num_rows, INT32_MAX);
@@ -237,15 +259,18 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
+    const bool split = g_norm_split_chunks.load(std::memory_order_relaxed) && mode != NormMode::kShared &&
+                       num_chunks > 1;
     const int threads = threads_for(max_vecs);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
-    const StagePlan plan = plan_stage(sums_bytes, stage_elems * static_cast<int64_t>(sizeof(scalar_t)), device);
+    const StagePlan plan = plan_stage(sums_bytes, (split ? max_chunk_elems : stage_elems) *
+                                                      static_cast<int64_t>(sizeof(scalar_t)), device);
     auto* kernel = plan.staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
     if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
-    kernel<<<static_cast<unsigned>(grid), threads, plan.smem, stream>>>(tab, num_chunks,
-                                                                   static_cast<scalar_t*>(out.data_ptr()), c.num_rows,
-                                                                   static_cast<int>(c.total_width), eps,
-                                                                   static_cast<int>(mode));
+    const int64_t items = split ? c.num_rows * num_chunks : c.num_rows;
+    kernel<<<static_cast<unsigned>(std::min<int64_t>(items, INT32_MAX)), threads, plan.smem, stream>>>(
+        tab, num_chunks, static_cast<scalar_t*>(out.data_ptr()), c.num_rows, static_cast<int>(c.total_width), eps,
+        static_cast<int>(mode), split);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
