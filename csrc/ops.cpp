@@ -98,23 +98,6 @@ at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at:
                                     const std::string& norm) {
   return rms_norm_cat_linear_impl(kCuda, xs, weight, eps, norm);
 }
-int64_t fc_decode_max_tokens(int64_t value) {
-  TORCH_CHECK_VALUE(value >= -1 && value <= 8, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got ", value);
-  return cuda::fc_decode_max_tokens(value);
-}
-int64_t fc_mma_max_tokens(int64_t value) {
-  TORCH_CHECK_VALUE(value >= -1 && value <= 64, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got ", value);
-  return cuda::fc_mma_max_tokens(value);
-}
-int64_t fc_wgmma_min_tokens(int64_t value) {
-  TORCH_CHECK_VALUE(value >= -1, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got ", value);
-  return cuda::fc_wgmma_min_tokens(value);
-}
-int64_t fc_wgmma_tile_n(int64_t value) {
-  TORCH_CHECK_VALUE(value == -1 || value == 0 || value == 128 || value == 256,
-                    "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got ", value);
-  return cuda::fc_wgmma_tile_n(value);
-}
 #endif
 
 std::string fc_last_path() { return t_last_fc_path; }

@@ -37,13 +37,6 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, 
                                                            const OptTensor& weight, double eps);
 at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
                                     const std::string& norm);
-// The _fc_decode_max_tokens op: checks value, then cuda::fc_decode_max_tokens (launchers.h).
-int64_t fc_decode_max_tokens(int64_t value);
-// The _fc_mma_max_tokens op: checks value, then cuda::fc_mma_max_tokens (launchers.h).
-int64_t fc_mma_max_tokens(int64_t value);
-// The _fc_wgmma_min_tokens / _fc_wgmma_tile_n ops: check value, then the launchers.h setter.
-int64_t fc_wgmma_min_tokens(int64_t value);
-int64_t fc_wgmma_tile_n(int64_t value);
 #endif
 // The _fc_last_path op: "decode", "mma", "wgmma" or "pair" (normalised copy + GEMM), the
 // path of this thread's last rms_norm_cat_linear call ("none" when it had no rows).

@@ -6,6 +6,26 @@
 
 #include <torch/library.h>
 
+namespace {
+
+// One of the kernels' strategy switches: value -1 queries; any other value must be `valid`
+// (the error names the op and what it takes: "-1 (query)" + expected). A CUDA build sets it
+// through `set` and returns the previous value; a CPU-only build has no kernels to switch
+// and returns 0.
+int64_t strategy_switch(const char* name, int64_t value, bool valid, const char* expected,
+                        int64_t (*set)(int64_t)) {
+  TORCH_CHECK_VALUE(value == -1 || valid, name, ": value must be -1 (query)", expected, ", got ", value);
+  return set ? set(value) : 0;
+}
+
+}  // namespace
+
+#ifdef EAGLE3_WITH_CUDA
+#define EAGLE3_CUDA_SETTER(fn) (&eagle3::cuda::fn)
+#else
+#define EAGLE3_CUDA_SETTER(fn) nullptr
+#endif
+
 TORCH_LIBRARY(eagle3, m) {
   // K >= 1 inputs [..., H_k] (views with any row stride) -> [..., sum H_k]; chunk k is the
   // RMSNorm of xs[k] with weights[k] (None, x's dtype or float32). shared_stats: one RMS
@@ -16,83 +36,50 @@ TORCH_LIBRARY(eagle3, m) {
   // fc(norm_cat(xs)) with the norm weights already folded into weight [N, sum H_k];
   // norm is "none", "chunk" (one statistic per chunk) or "shared" (one over the row).
   m.def("rms_norm_cat_linear(Tensor[] xs, Tensor weight, float eps, str norm) -> Tensor");
-  // Largest T served by the fc's CUDA decode kernel (0: always norm_cat + cuBLAS); sets it
-  // and returns the previous value, -1 only queries. For benchmarks that compare the paths.
-  m.def("_fc_decode_max_tokens(int value=-1) -> int", [](int64_t value) -> int64_t {
-#ifdef EAGLE3_WITH_CUDA
-    return eagle3::fc_decode_max_tokens(value);
-#else
-    return 0;
-#endif
+  // The kernels' strategy switches (for the benchmarks that compare the CUDA paths, and the
+  // tests of each): each sets its value and returns the previous one; -1 only queries.
+  // Largest T served by the fc's CUDA decode kernel (0: always norm_cat + cuBLAS).
+  m.def("_fc_decode_max_tokens(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_decode_max_tokens", value, value >= 0 && value <= 8, " or 0..8",
+                           EAGLE3_CUDA_SETTER(fc_decode_max_tokens));
   });
-  // Largest T served by the tensor-core fc kernel (0..64; 0, the default, disables it);
-  // sets it and returns the previous value, -1 only queries.
-  m.def("_fc_mma_max_tokens(int value=-1) -> int", [](int64_t value) -> int64_t {
-#ifdef EAGLE3_WITH_CUDA
-    return eagle3::fc_mma_max_tokens(value);
-#else
-    TORCH_CHECK_VALUE(value >= -1 && value <= 64, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got ", value);
-    return 0;
-#endif
+  // Largest T served by the tensor-core fc kernel (0, the default, disables it).
+  m.def("_fc_mma_max_tokens(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_mma_max_tokens", value, value >= 0 && value <= 64, " or 0..64",
+                           EAGLE3_CUDA_SETTER(fc_mma_max_tokens));
   });
   // Smallest T served by the fc's Hopper tensor-core kernel (TMA + wgmma; 0, the default,
-  // disables it); sets it and returns the previous value, -1 only queries.
-  m.def("_fc_wgmma_min_tokens(int value=-1) -> int", [](int64_t value) -> int64_t {
-#ifdef EAGLE3_WITH_CUDA
-    return eagle3::fc_wgmma_min_tokens(value);
-#else
-    TORCH_CHECK_VALUE(value >= -1, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got ", value);
-    return 0;
-#endif
+  // disables it).
+  m.def("_fc_wgmma_min_tokens(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_wgmma_min_tokens", value, value >= 0, " or a token count >= 0",
+                           EAGLE3_CUDA_SETTER(fc_wgmma_min_tokens));
   });
-  // Features per block of that kernel: 128, 256, or 0 to choose by size (the default); sets
-  // it and returns the previous value, -1 only queries. For python -m bench.tune.
-  m.def("_fc_wgmma_tile_n(int value=-1) -> int", [](int64_t value) -> int64_t {
-#ifdef EAGLE3_WITH_CUDA
-    return eagle3::fc_wgmma_tile_n(value);
-#else
-    TORCH_CHECK_VALUE(value == -1 || value == 0 || value == 128 || value == 256,
-                      "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got ", value);
-    return 0;
-#endif
+  // Features per block of that kernel: 128, 256, or 0 to choose by size (the default).
+  m.def("_fc_wgmma_tile_n(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_wgmma_tile_n", value, value == 0 || value == 128 || value == 256,
+                           ", 0 (by size), 128 or 256", EAGLE3_CUDA_SETTER(fc_wgmma_tile_n));
   });
   // The path that served this thread's last rms_norm_cat_linear call: "decode", "mma",
   // "wgmma" (CUDA kernels that never write the normalised input), "pair" (normalised copy,
   // then one GEMM; the CPU path), or "none" (no rows). For tests and benchmarks.
   m.def("_fc_last_path() -> str", []() -> std::string { return eagle3::fc_last_path(); });
   // Largest shared-memory stage per block of the CUDA norm kernels, in bytes (0: never
-  // stage; rows are then read twice from global memory); sets it and returns the previous
-  // value, -1 only queries. For benchmarks that compare the two strategies.
-  m.def("_norm_stage_limit(int value=-1) -> int", [](int64_t value) -> int64_t {
-    TORCH_CHECK_VALUE(value >= -1, "_norm_stage_limit: value must be -1 (query) or a byte count >= 0, got ", value);
-#ifdef EAGLE3_WITH_CUDA
-    return eagle3::cuda::set_norm_stage_limit(value);
-#else
-    return 0;
-#endif
+  // stage; rows are then read twice from global memory).
+  m.def("_norm_stage_limit(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_norm_stage_limit", value, value >= 0, " or a byte count >= 0",
+                           EAGLE3_CUDA_SETTER(set_norm_stage_limit));
   });
   // The register-resident strategy of the CUDA norm kernels (1: on where a row qualifies,
-  // 0: off); sets it and returns the previous value, -1 only queries. For benchmarks that
-  // compare the strategies (python -m bench.tune) and the tests of each.
-  m.def("_norm_registers(int value=-1) -> int", [](int64_t value) -> int64_t {
-    TORCH_CHECK_VALUE(value >= -1 && value <= 1, "_norm_registers: value must be -1 (query), 0 or 1, got ", value);
-#ifdef EAGLE3_WITH_CUDA
-    return eagle3::cuda::set_norm_registers(value);
-#else
-    return 0;
-#endif
+  // 0: off).
+  m.def("_norm_registers(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_norm_registers", value, value == 0 || value == 1, ", 0 or 1",
+                           EAGLE3_CUDA_SETTER(set_norm_registers));
   });
   // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk (1),
-  // or one block per row (0, the default); sets it and returns the previous value, -1 only
-  // queries. For python -m bench.tune and the tests.
-  m.def("_norm_split_chunks(int value=-1) -> int", [](int64_t value) -> int64_t {
-    TORCH_CHECK_VALUE(value >= -1 && value <= 1, "_norm_split_chunks: value must be -1 (query), 0 or 1, got ",
-                      value);
-#ifdef EAGLE3_WITH_CUDA
-    return eagle3::cuda::set_norm_split_chunks(value);
-#else
-    return 0;
-#endif
+  // or one block per row (0, the default).
+  m.def("_norm_split_chunks(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_norm_split_chunks", value, value == 0 || value == 1, ", 0 or 1",
+                           EAGLE3_CUDA_SETTER(set_norm_split_chunks));
   });
   // "cuda" when this build holds the CUDA kernels, else "cpu" (eagle3_ops.has_cuda_kernels()).
   m.def("_build_info() -> str", []() -> std::string {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import pytest
 import torch
@@ -825,6 +826,30 @@ def test_kernel_switches_restore_and_check_names():
         with kernel_switches(fc_decode_max_tokens=0, fc_wgmma_tile_n=64):
             pass
     assert {name: getattr(ops, "_" + name)(-1) for name in eagle3_ops.ops.KERNEL_SWITCHES} == before
+
+
+# Each strategy switch: a value it refuses, and its whole message.
+SWITCH_ERRORS = {
+    "norm_stage_limit": (-2, "_norm_stage_limit: value must be -1 (query) or a byte count >= 0, got -2"),
+    "norm_registers": (2, "_norm_registers: value must be -1 (query), 0 or 1, got 2"),
+    "norm_split_chunks": (-3, "_norm_split_chunks: value must be -1 (query), 0 or 1, got -3"),
+    "fc_decode_max_tokens": (9, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got 9"),
+    "fc_mma_max_tokens": (65, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got 65"),
+    "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),
+    "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
+}
+
+
+def test_every_strategy_switch_refuses_bad_values():
+    """Every switch (CUDA and CPU-only builds alike) refuses a value outside its range with
+    its own message, and a refused value leaves the switch as it was."""
+    assert set(SWITCH_ERRORS) == set(eagle3_ops.ops.KERNEL_SWITCHES)
+    for name, (bad, message) in SWITCH_ERRORS.items():
+        op = getattr(torch.ops.eagle3, "_" + name)
+        before = op(-1)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            op(bad)
+        assert op(-1) == before, name
 
 
 def test_fc_wgmma_switches_validate_their_argument():
