@@ -71,13 +71,17 @@ def run(one: bool) -> int:
     # every kernel path: staged, two-pass and register-resident norms, rms_norm_cat with one
     # block per (row, chunk), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5
     # here), and its wgmma kernel (every T, Hopper only; aligned views, the only ones it takes)
-    passes = ((stage, 8, 0, 0, 0, 0, (False, True)), (0, decode, 0, 0, 0, 0, (False, True)),
-              (stage, decode, 1, 64, 0, 0, (False, True)), (stage, 0, 0, 0, 1, 0, (True,)),
-              (stage, decode, 0, 0, 0, 1, (False, True)))
-    for stage_limit, decode_tokens, registers, mma_tokens, wgmma_tokens, split, layouts in passes:
+    # (the last two passes: the norm weights staged with the rows, one block per row and per
+    # (row, chunk))
+    passes = ((stage, 8, 0, 0, 0, 0, 0, (False, True)), (0, decode, 0, 0, 0, 0, 0, (False, True)),
+              (stage, decode, 1, 64, 0, 0, 0, (False, True)), (stage, 0, 0, 0, 1, 0, 0, (True,)),
+              (stage, decode, 0, 0, 0, 1, 0, (False, True)), (stage, decode, 0, 0, 0, 0, 64, (False, True)),
+              (stage, decode, 0, 0, 0, 1, 64, (True,)))
+    for stage_limit, decode_tokens, registers, mma_tokens, wgmma_tokens, split, stage_w, layouts in passes:
         with kernel_switches(norm_stage_limit=stage_limit, fc_decode_max_tokens=decode_tokens,
                              norm_registers=registers, fc_mma_max_tokens=mma_tokens,
-                             fc_wgmma_min_tokens=wgmma_tokens, norm_split_chunks=split):
+                             fc_wgmma_min_tokens=wgmma_tokens, norm_split_chunks=split,
+                             norm_stage_weights=stage_w):
             for aligned in layouts:
                 cases += run_cases(one, g, aligned)
     torch.cuda.synchronize()

@@ -75,6 +75,12 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_norm_registers", value, value == 0 || value == 1, ", 0 or 1",
                            EAGLE3_CUDA_SETTER(set_norm_registers));
   });
+  // Largest T for which the staged CUDA norm kernels copy the norm weights into shared
+  // memory with the row (0, the default: weights are read after the reduction).
+  m.def("_norm_stage_weights(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_norm_stage_weights", value, value >= 0, " or a row count >= 0",
+                           EAGLE3_CUDA_SETTER(set_norm_stage_weights));
+  });
   // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk (1),
   // or one block per row (0, the default).
   m.def("_norm_split_chunks(int value=-1) -> int", [](int64_t value) {

@@ -669,6 +669,58 @@ def test_rms_norm_cat_linear_pair_split_chunks(device, seed, split_norms, norm):
     check_linear(device, xs, bases, rng.linear_weight(96, 4928, torch.bfloat16), EPS, norm, (300,), path="pair")
 
 
+# ---- the staged norm kernels with the norm weights staged too (small T) ---------------------
+
+
+@pytest.fixture
+def staged_weights():
+    """The staged CUDA norm kernels copy the norm weights into shared memory with the row
+    for launches of up to 1024 rows (chunks without 16-byte accesses read them from global
+    memory as before), restored afterwards."""
+    with kernel_switches(norm_stage_weights=1024):
+        assert torch.ops.eagle3._norm_stage_weights(-1) == 1024
+        yield
+
+
+@pytest.mark.parametrize("T", [1, 83])
+@pytest.mark.parametrize("split", [0, 1], ids=["row", "split"])
+@pytest.mark.parametrize("kind", ["same", "fp32", "mixed", "strided"])
+@pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
+@pytest.mark.parametrize("layout", ["split", "padded"])
+@pytest.mark.parametrize("widths", [[4096, 4096, 4096], [769, 100, 64], [1, 3, 8, 17, 33], [8192, 64]],
+                         ids=["3x4096", "odd", "5chunks", "8192+64"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_staged_weights(device, seed, staged_weights, dtype, widths, layout, shared, kind, split, T):
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, layout, T, widths, dtype)
+    weights = make_weights(rng, kind, widths, dtype)
+    with kernel_switches(norm_split_chunks=split):
+        check_rms_norm_cat(device, xs, bases, weights, EPS, shared, lead_shape(layout, T))
+
+
+def test_rms_norm_cat_staged_weights_row_bound(device, seed):
+    """The switch is a bound on the launch's rows: at 8 the 7-row and the 9-row launches (one
+    stages the weights, one does not) both match the reference."""
+    rng = Rng(seed, device)
+    for T in (7, 9):
+        xs, bases = make_chunks(rng, "split", T, [1024, 1024, 1024], torch.bfloat16)
+        weights = make_weights(rng, "mixed", [1024] * 3, torch.bfloat16)
+        with kernel_switches(norm_stage_weights=8):
+            check_rms_norm_cat(device, xs, bases, weights, EPS, False, (T,))
+
+
+@pytest.mark.parametrize("T", [1, 83])
+@pytest.mark.parametrize("wdtype", ["same", "fp32", "none"])
+@pytest.mark.parametrize("layout", ["contig", "padded", "3d"])
+@pytest.mark.parametrize("H", [4096, 769, 8192])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_staged_weights(device, seed, staged_weights, dtype, H, layout, wdtype, T):
+    rng = Rng(seed, device)
+    x, r, bases = make_pair(rng, layout, T, H, dtype)
+    w = None if wdtype == "none" else rng.norm_weight(H, dtype if wdtype == "same" else torch.float32)
+    check_fused_add(device, x, r, bases, w, EPS)
+
+
 def test_strategy_switches_validate_their_argument():
     with pytest.raises(ValueError, match="_norm_split_chunks: value must be -1 \\(query\\), 0 or 1, got 2"):
         torch.ops.eagle3._norm_split_chunks(2)
@@ -833,6 +885,7 @@ SWITCH_ERRORS = {
     "norm_stage_limit": (-2, "_norm_stage_limit: value must be -1 (query) or a byte count >= 0, got -2"),
     "norm_registers": (2, "_norm_registers: value must be -1 (query), 0 or 1, got 2"),
     "norm_split_chunks": (-3, "_norm_split_chunks: value must be -1 (query), 0 or 1, got -3"),
+    "norm_stage_weights": (-2, "_norm_stage_weights: value must be -1 (query) or a row count >= 0, got -2"),
     "fc_decode_max_tokens": (9, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got 9"),
     "fc_mma_max_tokens": (65, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got 65"),
     "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),

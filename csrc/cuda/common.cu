@@ -48,6 +48,23 @@ StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device) {
   return {false, scratch_bytes};
 }
 
+// Largest number of rows for which the staged norm kernels stage the norm weights with the
+// row (0: never). Off until measured (python -m bench.tune, "staged+w" at small T).
+namespace {
+std::atomic<int64_t> g_norm_stage_weights{0};
+}  // namespace
+
+int64_t stage_weights_bytes(const StagePlan& plan, int64_t rows, int64_t weight_bytes, int device) {
+  if (!plan.staged || rows > g_norm_stage_weights.load(std::memory_order_relaxed)) return 0;
+  const int64_t limit = std::min<int64_t>(g_norm_stage_limit.load(std::memory_order_relaxed), max_smem_optin(device));
+  return plan.smem + weight_bytes <= limit ? weight_bytes : 0;
+}
+
+int64_t set_norm_stage_weights(int64_t rows) {
+  if (rows < 0) return g_norm_stage_weights.load();
+  return g_norm_stage_weights.exchange(rows);
+}
+
 namespace {
 std::atomic<bool> g_norm_registers{false};
 }  // namespace

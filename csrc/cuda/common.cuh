@@ -134,25 +134,43 @@ at::Tensor fc_row_scales(const ChunkTable& tab, const ChunkRows& c, float eps, N
                          cudaStream_t stream);
 
 // ---- norm weights (none, x's dtype, or fp32) as fp32 ---------------------------------------
-// The V weights [i, i + V) of a contiguous, 16-byte aligned weight (i a multiple of V).
-template <typename T>
+// The V weights [i, i + V) of a contiguous, 16-byte aligned weight (i a multiple of V): from
+// global memory through the read-only path, or (kStaged) from the block's shared-memory copy
+// made by stage_weight_vec.
+template <typename T, bool kStaged = false>
 __device__ __forceinline__ void load_weight_vec(const void* w, int w_kind, int64_t i, float (&out)[Vec<T>::N]) {
   constexpr int V = Vec<T>::N;
   if (w_kind == kWeightSameType) {
-    const Vec<T> wv = load_vec_ro(static_cast<const T*>(w) + i);
+    const T* p = static_cast<const T*>(w) + i;
+    const Vec<T> wv = kStaged ? *reinterpret_cast<const Vec<T>*>(p) : load_vec_ro(p);
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = to_float(wv.v[j]);
   } else if (w_kind == kWeightFp32) {
     const float4* wp = reinterpret_cast<const float4*>(static_cast<const float*>(w) + i);
 #pragma unroll
     for (int q = 0; q < V / 4; ++q) {
-      const float4 f = __ldg(wp + q);
+      const float4 f = kStaged ? wp[q] : __ldg(wp + q);
       out[4 * q] = f.x; out[4 * q + 1] = f.y; out[4 * q + 2] = f.z; out[4 * q + 3] = f.w;
     }
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = 1.f;
   }
+}
+
+// The norm kernels' weight staging (set_norm_stage_weights): the weights of vector i of a
+// 16-byte-access chunk, copied with cp.async (V x 2 or 4 bytes: one or two 16-byte copies)
+// to the same index of the block's shared-memory copy `dst`, whose slots are 4 bytes apart
+// for fp32 weights and sizeof(T) for same-type ones. Issued with the row's own copies, so the
+// weights arrive in the row's one round trip instead of one dependent load per vector after
+// the reduction; the thread that copies them is the one that reads them back.
+template <typename T>
+__device__ __forceinline__ void stage_weight_vec(void* dst, const void* w, int w_kind, int64_t i) {
+  const int64_t off = w_kind == kWeightFp32 ? i * 4 : i * static_cast<int64_t>(sizeof(T));
+  char* d = static_cast<char*>(dst) + off;
+  const char* s = static_cast<const char*>(w) + off;
+  cp_async16(d, s);
+  if (sizeof(T) == 2 && w_kind == kWeightFp32) cp_async16(d + 16, s + 16);  // 8 fp32 weights: 32 bytes
 }
 
 template <typename T>
@@ -176,6 +194,11 @@ struct StagePlan {
   int64_t smem;
 };
 StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device);
+// The shared memory a staged launch of `rows` rows adds to stage its norm weights too
+// (weight_bytes, or 0): weights are staged when the launch has at most
+// set_norm_stage_weights rows (small T, where the weights' dependent loads after the
+// reduction lengthen every row's critical path) and the total still fits the stage limit.
+int64_t stage_weights_bytes(const StagePlan& plan, int64_t rows, int64_t weight_bytes, int device);
 
 // The register-resident strategy of the norm kernels (set_norm_registers): every thread
 // keeps its kRegVecs vectors of each chunk in registers between the sum of squares and the

@@ -6,7 +6,8 @@
 // around the per-warp sums, sweep 2 forms s again from the staged rows and writes the
 // normalised row. Each thread touches only the elements it staged itself. Rows past the
 // stage limit are read twice from global memory; with _norm_registers(1) qualifying rows
-// are kept in registers instead (fused_add_rms_norm_regs_kernel).
+// are kept in registers instead (fused_add_rms_norm_regs_kernel). With _norm_stage_weights(n),
+// a staged launch of at most n rows stages the norm weight with the rows (as rms_norm_cat).
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -29,13 +30,14 @@ __device__ __forceinline__ Vec<T> sum_vec(const Vec<T>& a, const Vec<T>& b, floa
   return s;
 }
 
-// (a + b) * scale * weight, formed in fp32 from the unrounded sum, rounded once to T.
-template <typename T>
+// (a + b) * scale * weight, formed in fp32 from the unrounded sum, rounded once to T; the
+// weight from global memory, or (kStagedW) from the block's shared-memory copy.
+template <typename T, bool kStagedW = false>
 __device__ __forceinline__ Vec<T> normed_vec(const Vec<T>& a, const Vec<T>& b, float scale, const void* w,
                                              int w_kind, int64_t i) {
   constexpr int V = Vec<T>::N;
   float wv[V];
-  load_weight_vec<T>(w, w_kind, i, wv);
+  load_weight_vec<T, kStagedW>(w, w_kind, i, wv);
   Vec<T> y;
 #pragma unroll
   for (int j = 0; j < V; ++j) y.v[j] = from_float<T>((to_float(a.v[j]) + to_float(b.v[j])) * scale * wv[j]);
@@ -53,19 +55,23 @@ __device__ __forceinline__ float row_scale(float ss, float* warp_sums, int width
   return rsqrtf(total / static_cast<float>(width) + eps);
 }
 
+// stage_w (staged kernel, vec rows, a weight; set_norm_stage_weights): the weight is copied
+// into shared memory after the two rows with their copies (stage_weight_vec).
 template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kMaxThreads)
 fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,        // [T, H]
                           const T* __restrict__ res, const int64_t res_stride,    // [T, H]
                           const void* __restrict__ w, const int w_kind,           // [H] or null
                           T* __restrict__ normed, T* __restrict__ sum,            // [T, H] contiguous
-                          const int64_t num_rows, const int width, const float eps, const bool vec) {
+                          const int64_t num_rows, const int width, const float eps, const bool vec,
+                          const bool stage_w) {
   constexpr int V = Vec<T>::N;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* warp_sums = reinterpret_cast<float*>(smem_raw);  // [nwarps], 32 floats reserved
   const int width_pad = (width + V - 1) / V * V;
   T* stage_x = reinterpret_cast<T*>(smem_raw + 32 * sizeof(float));
   T* stage_r = stage_x + width_pad;
+  void* stage_wt = stage_r + width_pad;  // 4 bytes per element (room for fp32 weights)
 
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const T* xr = x + row * x_stride;
@@ -75,6 +81,7 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
         for (int i = threadIdx.x * V; i < width; i += blockDim.x * V) {
           cp_async16(stage_x + i, xr + i);
           cp_async16(stage_r + i, rr + i);
+          if (stage_w) stage_weight_vec<T>(stage_wt, w, w_kind, i);
         }
       } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) { stage_x[i] = xr[i]; stage_r[i] = rr[i]; }
@@ -97,7 +104,10 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
       }
     }
     const float scale = row_scale(ss, warp_sums, width, eps);
-    if (vec) {
+    if (kStaged && stage_w) {  // vec: the launcher stages weights only for 16-byte rows
+      for (int i = threadIdx.x * V; i < width; i += blockDim.x * V)
+        store_vec(out_row + i, normed_vec<T, true>(load_vec(xr + i), load_vec(rr + i), scale, stage_wt, w_kind, i));
+    } else if (vec) {
       for (int i = threadIdx.x * V; i < width; i += blockDim.x * V)
         store_vec(out_row + i, normed_vec(load_vec(xr + i), load_vec(rr + i), scale, w, w_kind, i));
     } else {
@@ -176,13 +186,15 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     }
     const int threads = threads_for(vec ? width / V : width);
     const int64_t width_pad = (width + V - 1) / V * V;
-    const StagePlan plan = plan_stage(32 * sizeof(float), 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t)), device);
+    StagePlan plan = plan_stage(32 * sizeof(float), 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t)), device);
+    const int64_t w_bytes = vec && wp ? stage_weights_bytes(plan, rows, width_pad * 4, device) : 0;
+    plan.smem += w_bytes;
     auto* kernel = plan.staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
     if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
     kernel<<<static_cast<unsigned>(grid), threads, plan.smem, stream>>>(
         static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
         r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
-        rows, static_cast<int>(width), eps, vec);
+        rows, static_cast<int>(width), eps, vec, w_bytes > 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

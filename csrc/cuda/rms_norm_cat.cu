@@ -12,7 +12,10 @@
 // With _norm_split_chunks(1), per-chunk ("chunk" / "none") rows give each chunk of each row
 // its own block (T x K blocks, each staging one chunk, the shape of the fused add's rows):
 // a candidate for the K=3 rows that stay under 90% of the copy bandwidth (see
-// bench/results/NOTES.md); off by default until measured.
+// bench/results/NOTES.md); off by default until measured. With _norm_stage_weights(n), a
+// staged launch of at most n rows copies the norm weights into shared memory with the row,
+// so they arrive in the row's one round trip instead of one dependent load per vector after
+// the reduction (the latency-bound small-T case); off by default until measured.
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -28,12 +31,15 @@ constexpr int kMaxThreads = 512;
 // until measured (python -m bench.tune, "staged-split").
 std::atomic<bool> g_norm_split_chunks{false};
 
-// Scales V elements in fp32 by `scale` and the chunk's weight, rounds once to T.
+// Scales V elements in fp32 by `scale` and the chunk's weight (from global memory, or from
+// the block's staged copy `w_stage` where that is not null), rounds once to T.
 template <typename T>
-__device__ __forceinline__ Vec<T> scale_vec(const Vec<T>& x, float scale, const ChunkDesc& c, int64_t i) {
+__device__ __forceinline__ Vec<T> scale_vec(const Vec<T>& x, float scale, const ChunkDesc& c, int64_t i,
+                                            const void* w_stage = nullptr) {
   constexpr int V = Vec<T>::N;
   float w[V];
-  load_weight_vec<T>(c.w, c.w_kind, i, w);
+  if (w_stage) load_weight_vec<T, true>(w_stage, c.w_kind, i, w);
+  else load_weight_vec<T>(c.w, c.w_kind, i, w);
   Vec<T> y;
 #pragma unroll
   for (int j = 0; j < V; ++j) y.v[j] = from_float<T>(to_float(x.v[j]) * scale * w[j]);
@@ -42,11 +48,15 @@ __device__ __forceinline__ Vec<T> scale_vec(const Vec<T>& x, float scale, const 
 
 // split: each work item is one chunk of one row (item = row * num_chunks + k; never with
 // norm "shared", whose scale needs the whole row), staged at the start of the stage.
+// w_stage_off (staged kernel only; 0: off): byte offset of the weight stage, where the
+// weights of every 16-byte-access chunk are copied with the row (stage_weight_vec), chunk k
+// at 4 * its stage offset (0 when split).
 template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kMaxThreads)
 rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
                     T* __restrict__ out,  // [T, total] contiguous
-                    const int64_t num_rows, const int total, const float eps, const int mode, const bool split) {
+                    const int64_t num_rows, const int total, const float eps, const int mode, const bool split,
+                    const int w_stage_off) {
   constexpr int V = Vec<T>::N;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int nwarps = blockDim.x / 32;
@@ -54,6 +64,11 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
   float* warp_sums = reinterpret_cast<float*>(smem_raw);  // [num_chunks][nwarps]
   T* stage = reinterpret_cast<T*>(smem_raw + ((num_chunks * nwarps * sizeof(float) + 15) / 16) * 16);
   const int64_t num_items = split ? num_rows * num_chunks : num_rows;
+  // Chunk k's staged weights, or null where they are read from global memory.
+  auto w_stage = [&](const ChunkDesc& c) -> void* {
+    if (!kStaged || w_stage_off == 0 || !c.vec || c.w_kind == kNoWeight) return nullptr;
+    return smem_raw + w_stage_off + (split ? 0 : 4 * static_cast<int64_t>(c.smem_off));
+  };
 
   for (int64_t item = blockIdx.x; item < num_items; item += gridDim.x) {
     const int64_t row = split ? item / num_chunks : item;
@@ -65,7 +80,11 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
         const T* src = static_cast<const T*>(c.x) + row * c.x_stride;
         T* dst = stage + (split ? 0 : c.smem_off);
         if (c.vec) {
-          for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V) cp_async16(dst + i, src + i);
+          void* ws = w_stage(c);
+          for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V) {
+            cp_async16(dst + i, src + i);
+            if (ws) stage_weight_vec<T>(ws, c.w, c.w_kind, i);
+          }
         } else {
           for (int i = threadIdx.x; i < c.width; i += blockDim.x) dst[i] = src[i];
         }
@@ -110,8 +129,9 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
       const T* src = kStaged ? stage + (split ? 0 : c.smem_off) : static_cast<const T*>(c.x) + row * c.x_stride;
       T* dst = out_row + c.out_off;
       if (c.vec) {
+        const void* ws = w_stage(c);
         for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V)
-          store_vec(dst + i, scale_vec(load_vec(src + i), scale, c, i));
+          store_vec(dst + i, scale_vec(load_vec(src + i), scale, c, i, ws));
       } else {
         for (int i = threadIdx.x; i < c.width; i += blockDim.x)
           dst[i] = from_float<T>(to_float(src[i]) * scale * weight_at<T>(c.w, c.w_kind, i));
@@ -263,14 +283,23 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
                        num_chunks > 1;
     const int threads = threads_for(max_vecs);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
-    const StagePlan plan = plan_stage(sums_bytes, (split ? max_chunk_elems : stage_elems) *
-                                                      static_cast<int64_t>(sizeof(scalar_t)), device);
+    const int64_t stage_bytes = (split ? max_chunk_elems : stage_elems) * static_cast<int64_t>(sizeof(scalar_t));
+    StagePlan plan = plan_stage(sums_bytes, stage_bytes, device);
+    // Weight slots: 4 bytes per staged element (room for fp32 weights), only if some chunk
+    // has weights its 16-byte accesses can stage.
+    bool any_w = false;
+    for (int k = 0; k < num_chunks; ++k) any_w = any_w || (tab.c[k].vec && tab.c[k].w_kind != kNoWeight);
+    const int64_t w_bytes = any_w ? stage_weights_bytes(plan, c.num_rows, (split ? max_chunk_elems : stage_elems) * 4,
+                                                        device)
+                                  : 0;
+    const int w_stage_off = w_bytes > 0 ? static_cast<int>(plan.smem) : 0;
+    plan.smem += w_bytes;
     auto* kernel = plan.staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
     if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
     const int64_t items = split ? c.num_rows * num_chunks : c.num_rows;
     kernel<<<static_cast<unsigned>(std::min<int64_t>(items, INT32_MAX)), threads, plan.smem, stream>>>(
         tab, num_chunks, static_cast<scalar_t*>(out.data_ptr()), c.num_rows, static_cast<int>(c.total_width), eps,
-        static_cast<int>(mode), split);
+        static_cast<int>(mode), split, w_stage_off);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
