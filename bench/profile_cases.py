@@ -10,6 +10,7 @@ between cudaProfilerStart / Stop inside an NVTX range named after it, so
   on the H100 (80ab0d8), where K=3 at H=7168 and the K=2 and K=1 rows reach 94-98%
   (occupancy, DRAM throughput, stall reasons); beside them the same rows with one block per
   (row, chunk), and as three separate tensors instead of views of one [T, 3H] tensor.
+* The fc's mma.sync kernel at T=8 beside the pair, and at T=64 (x re-read per block).
 * The fc at T=16384, H=7168, norm "chunk": the op (rms_norm_cat + the cuBLAS GEMM) and
   F.linear alone on the normalised input. The pair took about 300 us more than the norm
   kernel and F.linear timed apart; the kernels' names and durations show where it goes.
@@ -52,19 +53,23 @@ def cases():
     out.append(("rms_norm_cat_linear chunk T=16384 H=7168",
                 lambda: eagle3_ops.rms_norm_cat_linear(xs, w, EPS, "chunk")))
     out.append(("F.linear alone T=16384 H=7168", lambda: F.linear(xn, w)))
-    # Decode sizes: the mma.sync kernel (off by default; 65% of the copy bandwidth at T=8 on
-    # the H100) beside the pair it lost to.
+    # Decode sizes: the mma.sync kernel (off by default; its first version, with a scale
+    # pre-pass launch, reached 65% of the copy bandwidth at T=8 on the H100) beside the pair.
     H = 4096
     xs8 = list(torch.randn(8, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
     w8 = torch.randn(H, 3 * H, device=dev, dtype=bf, generator=g) / (3 * H) ** 0.5
 
-    def mma():
+    def mma(xs):
         with kernel_switches(fc_mma_max_tokens=64):
-            return eagle3_ops.rms_norm_cat_linear(xs8, w8, EPS, "chunk")
+            return eagle3_ops.rms_norm_cat_linear(xs, w8, EPS, "chunk")
 
-    out.append(("rms_norm_cat_linear chunk T=8 H=4096 mma", mma))
+    out.append(("rms_norm_cat_linear chunk T=8 H=4096 mma", lambda: mma(xs8)))
     out.append(("rms_norm_cat_linear chunk T=8 H=4096 pair",
                 lambda: eagle3_ops.rms_norm_cat_linear(xs8, w8, EPS, "chunk")))
+    # T=64: every block of the mma kernel reads all of x (1.5 MB) from L2 -- how much of
+    # its time that costs beside the weight stream.
+    xs64 = list(torch.randn(64, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
+    out.append(("rms_norm_cat_linear chunk T=64 H=4096 mma", lambda: mma(xs64)))
     return out
 
 

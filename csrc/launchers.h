@@ -37,8 +37,8 @@ bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, N
 // value, -1 only queries.
 int64_t fc_decode_max_tokens(int64_t value);
 // The tensor-core fc for 1 <= T <= fc_mma_max_tokens (T = 1 where the decode kernel declines
-// it; bf16 / fp16; two launches: per-token chunk scales, then mma.sync over the streamed
-// weight); false where it does not apply.
+// it; bf16 / fp16; one launch: mma.sync over the streamed weight, the chunk statistics taken
+// beside it and applied to the partial products); false where it does not apply.
 bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
 // Largest T served by launch_fc_mma (0 disables it, the default); sets it and returns the
 // previous value, -1 only queries.

@@ -770,6 +770,20 @@ def test_rms_norm_cat_linear_mma_real_fc(device, seed, mma_up_to_64, H, T, norm)
     check_real_fc(device, seed, T, H, norm, "mma")
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("T", [8, 64])
+def test_rms_norm_cat_linear_mma_many_chunks(device, seed, mma_up_to_64, T, norm):
+    """24 chunks: the kernel keeps one slot of partial products per chunk for norm "chunk"
+    in shared memory; at T = 64 those exceed its 48 KB and the pair serves the call, while
+    T = 8 (and "shared" / "none", one slot) stay on the kernel."""
+    rng = Rng(seed, device)
+    widths = [32] * 23 + [64]
+    xs, bases = make_chunks(rng, "split", T, widths, torch.bfloat16)
+    w = rng.linear_weight(40, sum(widths), torch.bfloat16)
+    path = "pair" if T == 64 and norm == "chunk" else "mma"
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path=path)
+
+
 def test_rms_norm_cat_linear_mma_t1(device, seed, mma_up_to_64):
     """T = 1 through the tensor-core kernel (the decode kernel switched off)."""
     rng = Rng(seed, device)

@@ -1,22 +1,26 @@
 // rms_norm_cat_linear on CUDA with tensor cores, for the decode range (T <= 64; T = 1 only
 // where the decode kernel declines it): the weight streams once through mma.sync m16n8k16
-// (bf16 / fp16 in, fp32 accumulate) while the normalised concatenation exists only in
-// registers.
+// (bf16 / fp16 in, fp32 accumulate); the normalised concatenation never exists, and the
+// statistics are taken in the same launch.
 //
-// Two launches (one for norm "none"):
-//  1. fc_row_scales_kernel: per token, the scale of each chunk (chunk: rsqrt(mean(x_k^2) +
-//     eps); shared: one rsqrt over the whole row, repeated per chunk) -> fp32 [T, K]
-//     workspace. T x K floats: nothing next to the weight stream.
-//  2. fc_mma_kernel: a block of kWarps warps owns 16 x MT output features (rows of the
-//     folded weight) and every token. The weight is the mma's A operand, the tokens its B
-//     operand (8 per n-tile, NT tiles). Warp w takes the 32-wide k-blocks w, w + kWarps, ...
-//     of the concatenated input (a k-block never straddles a chunk: every chunk width is a
-//     multiple of 32), so all warps of the block stream disjoint parts of the same weight
-//     rows; U k-blocks of loads are issued before any is used. The B operand is
-//     x * scale rounded to the input dtype -- the value rms_norm_cat would have written --
-//     so the result matches "rms_norm_cat + GEMM" up to the order of the fp32 sums. The
-//     warps' partial sums meet in shared memory (fp32 atomics), and the block writes its
-//     16 x MT x T outputs.
+// One launch, fc_mma_kernel. A block of kWarps warps owns 16 x MT output features (rows of
+// the folded weight) and every token. The weight is the mma's A operand, the tokens' raw x
+// its B operand (8 tokens per n-tile, NT tiles). Warp w takes the 32-wide k-blocks w,
+// w + kWarps, ... of the concatenated input (a k-block never straddles a chunk: every
+// chunk width is a multiple of 32), so the block's warps stream disjoint parts of the same
+// weight rows and together see every element of x once; U k-blocks of loads are issued
+// before any is used. Beside the mma, each thread sums the squares of the x it loaded, per
+// token and chunk. When a warp's next k-block enters another chunk, it adds its fp32
+// partial products and sums of squares into shared memory (per chunk for norm "chunk",
+// one slot for "shared" / "none") and starts again from zero. After the block's barrier
+// the per-token scales r (DESIGN.md section 2, item 3: rsqrt(mean(x_k^2) + eps) per chunk,
+// or one over the row) are formed from those sums and applied to the partial products:
+// out = sum_k r_k * (W_k x_k), the identity the decode kernel uses. No pre-pass, no
+// workspace, no rounding of the normalised input.
+//
+// The H100 run of the first version (a scale pre-pass launch, then x * scale rounded to the
+// input dtype as the B operand) lost to rms_norm_cat + cuBLAS at every T (see
+// g_mma_max_tokens); this version removes the pre-pass launch and the per-element scaling.
 //
 // Register layout trick: within a k-block each thread loads 16 contiguous bytes per weight
 // row (and per token): physical k = 8 * tig + 0..7 (tig = lane % 4). The mma's fragments
@@ -100,14 +104,21 @@ fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunk
   }
 }
 
-// 8 values of x (one 16-byte load) times `scale`, rounded to T, as 4 packed pairs.
+// The sum of squares of 8 values of x (one 16-byte load).
 template <typename T>
-__device__ __forceinline__ uint4 scale_pack(const uint4 raw, const float scale) {
+__device__ __forceinline__ float sum_squares8(const uint4 raw) {
   const Vec<T>& x = *reinterpret_cast<const Vec<T>*>(&raw);
-  Vec<T> y;
+  float s = 0.f;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) y.v[e] = from_float<T>(to_float(x.v[e]) * scale);
-  return *reinterpret_cast<const uint4*>(&y);
+  for (int e = 0; e < 8; ++e) { const float f = to_float(x.v[e]); s += f * f; }
+  return s;
+}
+
+// Shared memory of fc_mma_kernel, in floats: the partial products [slots][16 MT][8 NT + 1]
+// (slots: one per chunk for norm "chunk", else one) and the sums of squares [K][8 NT].
+inline int64_t mma_smem_floats(int mt, int nt, int num_chunks, NormMode mode) {
+  const int64_t slots = mode == NormMode::kChunk ? num_chunks : 1;
+  return slots * 16 * mt * (8 * nt + 1) + static_cast<int64_t>(num_chunks) * 8 * nt;
 }
 
 // MT m-tiles (16 features each) per block, NT n-tiles (8 tokens each), U k-blocks of loads
@@ -117,17 +128,22 @@ __global__ void __launch_bounds__(kWarps * 32)
 fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
               const T* __restrict__ weight,  // [N, total], rows contiguous
               const int64_t n_out, const int total,
-              const float* __restrict__ scales,  // [T, num_chunks]; null for norm "none"
-              T* __restrict__ out,               // [T, N] contiguous
-              const int num_tokens) {
+              T* __restrict__ out,           // [T, N] contiguous
+              const int num_tokens, const float eps, const int mode) {
   static_assert(sizeof(T) == 2, "bf16 / fp16 only");
-  constexpr int ROWS = 16 * MT, TOKS = 8 * NT;
-  __shared__ float acc_smem[ROWS][TOKS + 1];
+  constexpr int ROWS = 16 * MT, TOKS = 8 * NT, LD = TOKS + 1;
+  extern __shared__ float smem_f[];
+  const bool per_chunk = mode == static_cast<int>(NormMode::kChunk);
+  const bool stats = mode != static_cast<int>(NormMode::kNone);
+  const int slots = per_chunk ? num_chunks : 1;
+  float* acc_s = smem_f;                        // [slots][ROWS][LD]
+  float* ss_s = smem_f + slots * ROWS * LD;     // [num_chunks][TOKS]; later the scales
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, tig = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * ROWS;
 
-  for (int i = threadIdx.x; i < ROWS * (TOKS + 1); i += blockDim.x) (&acc_smem[0][0])[i] = 0.f;
+  for (int i = threadIdx.x; i < slots * ROWS * LD + num_chunks * TOKS; i += blockDim.x) smem_f[i] = 0.f;
+  __syncthreads();
 
   // This thread's weight rows (clamped: rows past N are computed and never written).
   const T* wrow[MT][2];
@@ -137,17 +153,48 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
     for (int h = 0; h < 2; ++h) wrow[m][h] = weight + std::min<int64_t>(n0 + 16 * m + g + 8 * h, n_out - 1) * total;
 
   float acc[MT][NT][4];
+  float ss[NT];
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
+  for (int j = 0; j < NT; ++j) {
+    ss[j] = 0.f;
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[m][j][q] = 0.f;
+  }
+  // The warp's partial products and sums of squares of chunk c into shared memory, and
+  // its registers back to zero. Warp-uniform (every lane's k-blocks are the warp's).
+  auto flush = [&](const int c) {
+    float* a = acc_s + (per_chunk ? c : 0) * ROWS * LD;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int row = 16 * m + g + 8 * (q / 2), tok = 8 * j + 2 * tig + (q % 2);
+          atomicAdd(a + row * LD + tok, acc[m][j][q]);
+          acc[m][j][q] = 0.f;
+        }
+    if (stats) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        float s = ss[j];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (tig == 0) atomicAdd(ss_s + c * TOKS + 8 * j + g, s);
+        ss[j] = 0.f;
+      }
+    }
+  };
 
   const int num_kb = total / kKBlock;
+  int ck = 0;    // chunk of the k-block being loaded (the warp's k-blocks only move forward)
+  int cur = -1;  // chunk the registers accumulate, -1 before the first k-block
   for (int kb0 = warp; kb0 < num_kb; kb0 += kWarps * U) {
     uint4 wv[U][MT][2];
     uint4 xv[U][NT];
+    int chunk_of[U];
     // Loads of U k-blocks first: the weight (the stream), then the tokens' x.
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -163,27 +210,32 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kb = kb0 + u * kWarps;
+      chunk_of[u] = ck;
       if (kb < num_kb) {
         const int k0 = kb * kKBlock;
-        int ck = 0;
         while (ck + 1 < num_chunks && k0 >= tab.c[ck + 1].out_off) ++ck;
+        chunk_of[u] = ck;
         const ChunkDesc& c = tab.c[ck];
         const T* xk = static_cast<const T*>(c.x) + (k0 - c.out_off) + 8 * tig;
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const int t = 8 * j + g;
-          if (t < num_tokens) {
-            const uint4 raw = *reinterpret_cast<const uint4*>(xk + static_cast<int64_t>(t) * c.x_stride);
-            xv[u][j] = scales ? scale_pack<T>(raw, __ldg(scales + t * num_chunks + ck)) : raw;
-          } else {
-            xv[u][j] = make_uint4(0u, 0u, 0u, 0u);
-          }
+          xv[u][j] = t < num_tokens ? *reinterpret_cast<const uint4*>(xk + static_cast<int64_t>(t) * c.x_stride)
+                                    : make_uint4(0u, 0u, 0u, 0u);
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb0 + u * kWarps < num_kb) {
+        if (chunk_of[u] != cur) {
+          if (cur >= 0) flush(cur);
+          cur = chunk_of[u];
+        }
+        if (stats) {
+#pragma unroll
+          for (int j = 0; j < NT; ++j) ss[j] += sum_squares8<T>(xv[u][j]);
+        }
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
 #pragma unroll
@@ -201,30 +253,45 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
       }
     }
   }
-
-  __syncthreads();  // acc_smem zeroed
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int row = 16 * m + g + 8 * (q / 2), tok = 8 * j + 2 * tig + (q % 2);
-        atomicAdd(&acc_smem[row][tok], acc[m][j][q]);
+  if (cur >= 0) flush(cur);
+  __syncthreads();  // every warp's partial products and sums of squares are in
+  // The scales, in place of the sums of squares: per (chunk, token) for "chunk"; for
+  // "shared" the row's one scale in slot 0. Each thread owns whole tokens.
+  if (stats) {
+    for (int t = threadIdx.x; t < num_tokens; t += blockDim.x) {
+      if (per_chunk) {
+        for (int c = 0; c < num_chunks; ++c)
+          ss_s[c * TOKS + t] = rsqrtf(ss_s[c * TOKS + t] / static_cast<float>(tab.c[c].width) + eps);
+      } else {
+        float all = 0.f;
+        for (int c = 0; c < num_chunks; ++c) all += ss_s[c * TOKS + t];
+        ss_s[t] = rsqrtf(all / static_cast<float>(total) + eps);
       }
-  __syncthreads();
+    }
+    __syncthreads();
+  }
   for (int i = threadIdx.x; i < ROWS * num_tokens; i += blockDim.x) {
     const int tok = i / ROWS, row = i % ROWS;  // consecutive threads: consecutive features
-    if (n0 + row < n_out) out[static_cast<int64_t>(tok) * n_out + n0 + row] = from_float<T>(acc_smem[row][tok]);
+    if (n0 + row < n_out) {
+      float v = 0.f;
+      for (int sl = 0; sl < slots; ++sl)
+        v += acc_s[(sl * ROWS + row) * LD + tok] * (stats ? ss_s[sl * TOKS + tok] : 1.f);
+      out[static_cast<int64_t>(tok) * n_out + n0 + row] = from_float<T>(v);
+    }
   }
 }
 
 // Largest T served by the tensor-core kernel (0: off; the op's setter takes 0..64). Off:
-// on the H100 it lost to rms_norm_cat + cuBLAS at every T measured (graph replay, K=3,
-// bf16, H=4096: T=2 48.9 against 43.8 us, T=8 51.8 / 44.5, T=16 68.4 / 45.1, T=64 158.8 /
-// 47.6; H=7168 alike; bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json).
+// on the H100 the first version (scale pre-pass launch, scaled B operand) lost to
+// rms_norm_cat + cuBLAS at every T measured (graph replay, K=3, bf16, H=4096: T=2 48.9
+// against 43.8 us, T=8 51.8 / 44.5, T=16 68.4 / 45.1, T=64 158.8 / 47.6; H=7168 alike;
+// bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json). The one-launch version has
+// not been measured yet (bench.tune's "mma" rows).
 std::atomic<int64_t> g_mma_max_tokens{0};
 constexpr int64_t kMmaMaxTokens = 64;
+// Shared memory of one block at most (the default limit, no opt-in): K=3 with norm "chunk"
+// at T=64 takes 26 KB; past the limit (about 20 chunks there) the call goes to the pair.
+constexpr int64_t kMmaMaxSmem = 48 * 1024;
 
 template <typename T>
 bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
@@ -237,24 +304,25 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
     tab.c[k] = ChunkDesc{x.data_ptr(), nullptr, x.stride(0), static_cast<int32_t>(c.widths[k]),
                          static_cast<int32_t>(c.offsets[k]), 0, 1, kNoWeight};
   }
+  // The configuration by T: registers per thread ~ U (4 MT + 4 NT) + 4 MT NT, so the
+  // larger token tiles trade loads in flight for accumulators.
+  const int mt = rows <= 16 ? 1 : 2, nt = rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8;
+  const int64_t smem = mma_smem_floats(mt, nt, num_chunks, mode) * static_cast<int64_t>(sizeof(float));
+  if (smem > kMmaMaxSmem) return false;  // many chunks with norm "chunk": the pair serves them
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.get_device());
-  // norm "none": x is the B operand as it is, no pre-pass.
-  const at::Tensor scales = fc_row_scales(tab, c, eps, mode, weight, stream);
-  const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
-  auto launch = [&](auto kernel, int features) {
+  auto launch = [&](auto kernel) {
+    const int features = 16 * mt;
     const unsigned grid = static_cast<unsigned>((N + features - 1) / features);
-    kernel<<<grid, kWarps * 32, 0, stream>>>(tab, num_chunks, static_cast<const T*>(weight.data_ptr()), N,
-                                             static_cast<int>(c.total_width), scales_ptr,
-                                             static_cast<T*>(out.data_ptr()), static_cast<int>(rows));
+    kernel<<<grid, kWarps * 32, smem, stream>>>(tab, num_chunks, static_cast<const T*>(weight.data_ptr()), N,
+                                                static_cast<int>(c.total_width), static_cast<T*>(out.data_ptr()),
+                                                static_cast<int>(rows), eps, static_cast<int>(mode));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // Registers per thread ~ U (4 MT + 4 NT) + 4 MT NT: the larger token tiles trade
-  // loads in flight for accumulators.
-  if (rows <= 8) launch(fc_mma_kernel<T, 1, 1, 4>, 16);
-  else if (rows <= 16) launch(fc_mma_kernel<T, 1, 2, 4>, 16);
-  else if (rows <= 32) launch(fc_mma_kernel<T, 2, 4, 2>, 32);
-  else launch(fc_mma_kernel<T, 2, 8, 2>, 32);
+  if (nt == 1) launch(fc_mma_kernel<T, 1, 1, 4>);
+  else if (nt == 2) launch(fc_mma_kernel<T, 1, 2, 4>);
+  else if (nt == 4) launch(fc_mma_kernel<T, 2, 4, 2>);
+  else launch(fc_mma_kernel<T, 2, 8, 2>);
   return true;
 }
 

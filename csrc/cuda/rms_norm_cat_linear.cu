@@ -8,7 +8,8 @@
 //    partial (the identity of DESIGN.md section 2, item 3). The normalised concatenation
 //    never exists in memory.
 //  * T <= fc_mma_max_tokens (off by default until measured): the tensor-core kernel of
-//    fc_mma.cu (per-token chunk scales, then mma.sync over the streamed weight).
+//    fc_mma.cu (one launch: mma.sync over the streamed weight, the chunk statistics taken
+//    beside it and applied to the partial products).
 //  * T >= fc_wgmma_min_tokens on Hopper (off by default until measured): the TMA + wgmma
 //    GEMM of fc_wgmma.cu, the chunk scales applied to its accumulators.
 //  * otherwise: the rms_norm_cat kernel writes the normalised concatenation once and one
