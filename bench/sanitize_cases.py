@@ -66,22 +66,23 @@ def run_cases(one: bool, g: torch.Generator, aligned: bool) -> int:
 
 def run(one: bool) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
-    stage, decode = torch.ops.eagle3._norm_stage_limit(-1), torch.ops.eagle3._fc_decode_max_tokens(-1)
     cases = 0
-    # every kernel path: staged, two-pass and register-resident norms, rms_norm_cat with one
-    # block per (row, chunk), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5
-    # here), and its wgmma kernel (every T, Hopper only; aligned views, the only ones it takes)
-    # (the last two passes: the norm weights staged with the rows, one block per row and per
-    # (row, chunk))
-    passes = ((stage, 8, 0, 0, 0, 0, 0, (False, True)), (0, decode, 0, 0, 0, 0, 0, (False, True)),
-              (stage, decode, 1, 64, 0, 0, 0, (False, True)), (stage, 0, 0, 0, 1, 0, 0, (True,)),
-              (stage, decode, 0, 0, 0, 1, 0, (False, True)), (stage, decode, 0, 0, 0, 0, 64, (False, True)),
-              (stage, decode, 0, 0, 0, 1, 64, (True,)))
-    for stage_limit, decode_tokens, registers, mma_tokens, wgmma_tokens, split, stage_w, layouts in passes:
-        with kernel_switches(norm_stage_limit=stage_limit, fc_decode_max_tokens=decode_tokens,
-                             norm_registers=registers, fc_mma_max_tokens=mma_tokens,
-                             fc_wgmma_min_tokens=wgmma_tokens, norm_split_chunks=split,
-                             norm_stage_weights=stage_w):
+    # Every kernel path, each pass its switches on top of the defaults: the staged, two-pass
+    # and register-resident norms, the fc's decode kernel up to T=8, its mma.sync kernel (T = 5
+    # here), its wgmma kernel (every T, Hopper only; aligned views, the only ones it takes),
+    # rms_norm_cat with one block per (row, chunk), and the norm
+    # weights staged with the rows (blocks of one and two vectors per thread).
+    passes = (
+        (dict(fc_decode_max_tokens=8), (False, True)),
+        (dict(norm_stage_limit=0), (False, True)),
+        (dict(norm_registers=1, fc_mma_max_tokens=64), (False, True)),
+        (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1), (True,)),
+        (dict(norm_split_chunks=1), (False, True)),
+        (dict(norm_stage_weights=64, norm_vecs_per_thread=1), (False, True)),
+        (dict(norm_split_chunks=1, norm_stage_weights=64, norm_vecs_per_thread=2), (True,)),
+    )
+    for switches, layouts in passes:
+        with kernel_switches(**switches):
             for aligned in layouts:
                 cases += run_cases(one, g, aligned)
     torch.cuda.synchronize()

@@ -7,7 +7,8 @@ cp.async), no stage (rows read twice from global memory, the second read from L2
 ``torch.ops.eagle3._norm_stage_limit(0)``) and registers (each thread keeps its vectors
 of the row in registers; ``torch.ops.eagle3._norm_registers(1)``), and for rms_norm_cat the
 staged kernel with one block per (row, chunk) (``_norm_split_chunks(1)``); at T = 1, 8 and
-64, the staged kernel with the norm weights staged too (``_norm_stage_weights``). For the fc: the decode
+64, the staged kernel with the norm weights staged too (``_norm_stage_weights``); "v1" / "v2":
+blocks sized for 1 or 2 vectors per thread instead of 4 (``_norm_vecs_per_thread``). For the fc: the decode
 kernel (T <= 8), the mma.sync kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1, 2, 8, 16,
 64, selected with ``torch.ops.eagle3._fc_decode_max_tokens`` / ``_fc_mma_max_tokens``; on
 Hopper, the wgmma kernel (128 or 256 features per block) against rms_norm_cat + cuBLAS
@@ -82,20 +83,25 @@ def main() -> None:
 def _sweep(measure) -> None:
     """Each variant measured under its switches (kernel_switches restores them after)."""
     default_stage = OPS._norm_stage_limit(-1)
+    default_vecs = OPS._norm_vecs_per_thread(-1)
     for op in ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm"):
         for T, H in ((1, 4096), (8, 4096), (64, 4096), (1, 7168), (16384, 4096), (16384, 8192)):
             case = C.make_case(op, T, H, torch.bfloat16, "cuda")
-            # (name, stage limit, registers, one block per (row, chunk), weights staged up to T)
-            variants = [("staged", default_stage, 0, 0, 0)]
-            if T <= 64:  # the latency-bound sizes: the weights staged with the row
-                variants.append(("staged+w", default_stage, 0, 0, 1024))
+            # (name, stage limit, registers, one block per (row, chunk), weights staged up to
+            # T, vectors per thread)
+            variants = [("staged", default_stage, 0, 0, 0, default_vecs),
+                        ("staged v2", default_stage, 0, 0, 0, 2)]
+            if T <= 64:  # the latency-bound sizes: the weights staged with the row, short chains
+                variants += [("staged+w", default_stage, 0, 0, 1024, default_vecs),
+                             ("staged+w v1", default_stage, 0, 0, 1024, 1)]
             if T in (64, 16384):
-                variants += [("two-pass", 0, 0, 0, 0), ("registers", default_stage, 1, 0, 0)]
+                variants += [("two-pass", 0, 0, 0, 0, default_vecs), ("registers", default_stage, 1, 0, 0, default_vecs),
+                             ("registers v2", default_stage, 1, 0, 0, 2)]
                 if op != "fused_add_rms_norm":
-                    variants.append(("staged-split", default_stage, 0, 1, 0))
-            for name, limit, regs, split, stage_w in variants:
+                    variants.append(("staged-split", default_stage, 0, 1, 0, default_vecs))
+            for name, limit, regs, split, stage_w, vecs in variants:
                 with kernel_switches(norm_stage_limit=limit, norm_registers=regs, norm_split_chunks=split,
-                                     norm_stage_weights=stage_w):
+                                     norm_stage_weights=stage_w, norm_vecs_per_thread=vecs):
                     measure(case, name)
     for H in (4096, 7168):
         for T in (1, 2, 8, 16, 64):

@@ -65,6 +65,9 @@ int64_t set_norm_registers(int64_t on);
 // Largest T (rows) for which the staged norm kernels copy the norm weights into shared
 // memory with the row (0: never); sets it and returns the previous value, -1 only queries.
 int64_t set_norm_stage_weights(int64_t rows);
+// Vectors per thread the norm kernels size their blocks for (1..8; default 4); sets it and
+// returns the previous value, -1 only queries.
+int64_t set_norm_vecs_per_thread(int64_t v);
 // rms_norm_cat with one block per (row, chunk) for per-chunk norms (1) or one per row (0);
 // sets it and returns the previous value, -1 only queries.
 int64_t set_norm_split_chunks(int64_t on);

@@ -81,6 +81,12 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_norm_stage_weights", value, value >= 0, " or a row count >= 0",
                            EAGLE3_CUDA_SETTER(set_norm_stage_weights));
   });
+  // Vectors per thread the CUDA norm kernels size their blocks for (4, the default: a row of
+  // 4096 bf16 gets 128 threads).
+  m.def("_norm_vecs_per_thread(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_norm_vecs_per_thread", value, value >= 1 && value <= 8, " or 1..8",
+                           EAGLE3_CUDA_SETTER(set_norm_vecs_per_thread));
+  });
   // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk (1),
   // or one block per row (0, the default).
   m.def("_norm_split_chunks(int value=-1) -> int", [](int64_t value) {

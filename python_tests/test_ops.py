@@ -686,9 +686,9 @@ def staged_weights():
 @pytest.mark.parametrize("split", [0, 1], ids=["row", "split"])
 @pytest.mark.parametrize("kind", ["same", "fp32", "mixed", "strided"])
 @pytest.mark.parametrize("shared", [False, True], ids=["chunk", "shared"])
-@pytest.mark.parametrize("layout", ["split", "padded"])
-@pytest.mark.parametrize("widths", [[4096, 4096, 4096], [769, 100, 64], [1, 3, 8, 17, 33], [8192, 64]],
-                         ids=["3x4096", "odd", "5chunks", "8192+64"])
+@pytest.mark.parametrize("layout", ["split", "contig"])
+@pytest.mark.parametrize("widths", [[4096, 4096, 4096], [4096, 100, 64], [1, 3, 8, 17, 33], [8192, 64], [7168] * 3],
+                         ids=["3x4096", "4096+odd", "5chunks", "8192+64", "3x7168"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_cat_staged_weights(device, seed, staged_weights, dtype, widths, layout, shared, kind, split, T):
     rng = Rng(seed, device)
@@ -719,6 +719,41 @@ def test_fused_add_rms_norm_staged_weights(device, seed, staged_weights, dtype, 
     x, r, bases = make_pair(rng, layout, T, H, dtype)
     w = None if wdtype == "none" else rng.norm_weight(H, dtype if wdtype == "same" else torch.float32)
     check_fused_add(device, x, r, bases, w, EPS)
+
+
+# ---- the norm kernels' block size (vectors per thread) ---------------------------------------
+
+
+NORM_STRATEGIES = {"staged": {}, "two-pass": {"norm_stage_limit": 0}, "registers": {"norm_registers": 1},
+                   "staged+w": {"norm_stage_weights": 1024}}
+
+
+@pytest.mark.parametrize("vecs", [1, 2, 8])
+@pytest.mark.parametrize("strategy", list(NORM_STRATEGIES))
+@pytest.mark.parametrize("widths", [[4096, 4096, 4096], [8192], [769, 100, 64], [16384, 8]],
+                         ids=["3x4096", "8192", "odd", "wide"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_vecs_per_thread(device, seed, dtype, widths, strategy, vecs):
+    """Every strategy with blocks sized for 1, 2 and 8 vectors per thread (the register
+    kernel falls back to its 4 where 1 or 2 would pass its block bound, and holds at most 4)."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", 37, widths, dtype)
+    weights = make_weights(rng, "mixed", widths, dtype)
+    with kernel_switches(norm_vecs_per_thread=vecs, **NORM_STRATEGIES[strategy]):
+        assert torch.ops.eagle3._norm_vecs_per_thread(-1) == (vecs if eagle3_ops.has_cuda_kernels() else 0)
+        for shared in (False, True):
+            check_rms_norm_cat(device, xs, bases, weights, EPS, shared, (37,))
+
+
+@pytest.mark.parametrize("vecs", [1, 2, 8])
+@pytest.mark.parametrize("strategy", list(NORM_STRATEGIES))
+@pytest.mark.parametrize("H", [4096, 769, 16384])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_vecs_per_thread(device, seed, dtype, H, strategy, vecs):
+    rng = Rng(seed, device)
+    x, r, bases = make_pair(rng, "contig", 37, H, dtype)
+    with kernel_switches(norm_vecs_per_thread=vecs, **NORM_STRATEGIES[strategy]):
+        check_fused_add(device, x, r, bases, rng.norm_weight(H, torch.float32), EPS)
 
 
 def test_strategy_switches_validate_their_argument():
@@ -900,6 +935,7 @@ SWITCH_ERRORS = {
     "norm_registers": (2, "_norm_registers: value must be -1 (query), 0 or 1, got 2"),
     "norm_split_chunks": (-3, "_norm_split_chunks: value must be -1 (query), 0 or 1, got -3"),
     "norm_stage_weights": (-2, "_norm_stage_weights: value must be -1 (query) or a row count >= 0, got -2"),
+    "norm_vecs_per_thread": (9, "_norm_vecs_per_thread: value must be -1 (query) or 1..8, got 9"),
     "fc_decode_max_tokens": (9, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got 9"),
     "fc_mma_max_tokens": (65, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got 65"),
     "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),

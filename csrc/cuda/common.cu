@@ -67,7 +67,17 @@ int64_t set_norm_stage_weights(int64_t rows) {
 
 namespace {
 std::atomic<bool> g_norm_registers{false};
+// Vectors per thread of the norm kernels' blocks (threads_for, reg_threads): 4, the
+// setting of every measured run.
+std::atomic<int> g_norm_vecs_per_thread{kVecsPerThread};
 }  // namespace
+
+int norm_vecs_per_thread() { return g_norm_vecs_per_thread.load(std::memory_order_relaxed); }
+
+int64_t set_norm_vecs_per_thread(int64_t v) {
+  if (v < 0) return g_norm_vecs_per_thread.load();
+  return g_norm_vecs_per_thread.exchange(static_cast<int>(v));
+}
 
 bool norm_registers() { return g_norm_registers.load(std::memory_order_relaxed); }
 

@@ -126,7 +126,7 @@ struct ChunkTable {
   ChunkDesc c[kMaxChunks];
 };
 
-// The fc kernels' statistics pre-pass (fc_mma.cu): per token, the scale of each chunk
+// The wgmma fc kernel's statistics pre-pass (defined in fc_mma.cu): per token, the scale of each chunk
 // (norm "chunk": rsqrt(mean(x_k^2) + eps); "shared": the row's one scale, repeated per
 // chunk) as fp32 [T, K] on `like`'s device; undefined for norm "none". bf16 / fp16 chunks
 // whose every access is 16 bytes wide (the callers check), described by `tab`.
@@ -160,8 +160,8 @@ __device__ __forceinline__ void load_weight_vec(const void* w, int w_kind, int64
 
 // The norm kernels' weight staging (set_norm_stage_weights): the weights of vector i of a
 // 16-byte-access chunk, copied with cp.async (V x 2 or 4 bytes: one or two 16-byte copies)
-// to the same index of the block's shared-memory copy `dst`, whose slots are 4 bytes apart
-// for fp32 weights and sizeof(T) for same-type ones. Issued with the row's own copies, so the
+// to the same index of the block's shared-memory copy `dst` (4 bytes per element for fp32
+// weights, sizeof(T) for same-type ones). Issued with the row's own copies, so the
 // weights arrive in the row's one round trip instead of one dependent load per vector after
 // the reduction; the thread that copies them is the one that reads them back.
 template <typename T>
@@ -213,12 +213,19 @@ constexpr int kRegMaxChunks = 4;
 // (the 4-chunk instance spilled on sm_90a): that instance is bounded at 256 threads.
 constexpr int reg_max_threads(int num_chunks) { return num_chunks >= 4 ? 256 : kRegMaxThreads; }
 bool norm_registers();
+// Vectors per thread the norm kernels size their blocks for (set_norm_vecs_per_thread,
+// default kVecsPerThread).
+int norm_vecs_per_thread();
 inline int reg_threads(int64_t max_vecs, int num_chunks, bool all_vec) {
   if (!norm_registers() || !all_vec || num_chunks > kRegMaxChunks ||
       max_vecs > int64_t{kRegVecs} * reg_max_threads(num_chunks))
     return 0;
-  const int t = static_cast<int>((max_vecs + kRegVecs - 1) / kRegVecs);
-  return std::max(32, round_up(t, 32));
+  // norm_vecs_per_thread() vectors per thread where the block stays within the bound, else
+  // the kRegVecs each thread can hold.
+  const int v = std::min(norm_vecs_per_thread(), kRegVecs);
+  int t = round_up(static_cast<int>((max_vecs + v - 1) / v), 32);
+  if (t > reg_max_threads(num_chunks)) t = round_up(static_cast<int>((max_vecs + kRegVecs - 1) / kRegVecs), 32);
+  return std::max(32, t);
 }
 
 // The WeightKind of an optional norm weight for inputs of dtype x.
@@ -230,14 +237,17 @@ inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
 // the rows in flight per SM are bounded by the stage size, not by the L1 / shared split.
 void configure_staging_kernel(const void* kernel, int device);
 
-// Threads for a row whose largest chunk has `max_vecs` vectors: about kVecsPerThread
-// vectors per thread (a multiple of 32 threads, at most 512). Small blocks keep many rows
-// in flight per multiprocessor: each block stages one row, so rows in flight = blocks
-// resident, and 512-thread blocks left a Hopper SM with 2-4 rows (about 40% of the copy
-// bandwidth on an H200, bench run of 6e31654).
+// Threads for a row whose largest chunk has `max_vecs` vectors: about norm_vecs_per_thread()
+// vectors per thread (default kVecsPerThread; a multiple of 32 threads, at most 512). Small
+// blocks keep many rows in flight per multiprocessor: each block stages one row, so rows in
+// flight = blocks resident, and 512-thread blocks left a Hopper SM with 2-4 rows (about 40%
+// of the copy bandwidth on an H200, bench run of 6e31654). Fewer vectors per thread shorten
+// each thread's chain of loads and stores, which the latency-bound small-T rows may prefer
+// (bench.tune's "v1" / "v2" variants).
 constexpr int kVecsPerThread = 4;
 inline int threads_for(int64_t max_vecs) {
-  const int64_t t = (max_vecs + kVecsPerThread - 1) / kVecsPerThread;
+  const int v = norm_vecs_per_thread();
+  const int64_t t = (max_vecs + v - 1) / v;
   return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, round_up(static_cast<int>(t), 32))));
 }
 

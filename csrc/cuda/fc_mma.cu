@@ -220,7 +220,8 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const int t = 8 * j + g;
-          xv[u][j] = t < num_tokens ? *reinterpret_cast<const uint4*>(xk + static_cast<int64_t>(t) * c.x_stride)
+          // read-only path (as the decode kernel's x): every block of the SM reads the same x
+          xv[u][j] = t < num_tokens ? __ldg(reinterpret_cast<const uint4*>(xk + static_cast<int64_t>(t) * c.x_stride))
                                     : make_uint4(0u, 0u, 0u, 0u);
         }
       }
@@ -290,7 +291,8 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
 std::atomic<int64_t> g_mma_max_tokens{0};
 constexpr int64_t kMmaMaxTokens = 64;
 // Shared memory of one block at most (the default limit, no opt-in): K=3 with norm "chunk"
-// at T=64 takes 26 KB; past the limit (about 20 chunks there) the call goes to the pair.
+// at T=64 takes 26 KB. Past the limit the call goes to the pair: with norm "chunk", more
+// than 5 chunks at T = 33..64, 11 at T = 17..32, 42 at T = 9..16 (T <= 8: every K fits).
 constexpr int64_t kMmaMaxSmem = 48 * 1024;
 
 template <typename T>

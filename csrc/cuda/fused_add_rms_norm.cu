@@ -71,7 +71,7 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
   const int width_pad = (width + V - 1) / V * V;
   T* stage_x = reinterpret_cast<T*>(smem_raw + 32 * sizeof(float));
   T* stage_r = stage_x + width_pad;
-  void* stage_wt = stage_r + width_pad;  // 4 bytes per element (room for fp32 weights)
+  void* stage_wt = stage_r + width_pad;  // the weight's own size per element
 
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const T* xr = x + row * x_stride;
@@ -187,7 +187,8 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     const int threads = threads_for(vec ? width / V : width);
     const int64_t width_pad = (width + V - 1) / V * V;
     StagePlan plan = plan_stage(32 * sizeof(float), 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t)), device);
-    const int64_t w_bytes = vec && wp ? stage_weights_bytes(plan, rows, width_pad * 4, device) : 0;
+    const int64_t w_size = w_kind == kWeightFp32 ? 4 : static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t w_bytes = vec && wp ? stage_weights_bytes(plan, rows, width_pad * w_size, device) : 0;
     plan.smem += w_bytes;
     auto* kernel = plan.staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
     if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);

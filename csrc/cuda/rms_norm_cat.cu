@@ -50,13 +50,14 @@ __device__ __forceinline__ Vec<T> scale_vec(const Vec<T>& x, float scale, const 
 // norm "shared", whose scale needs the whole row), staged at the start of the stage.
 // w_stage_off (staged kernel only; 0: off): byte offset of the weight stage, where the
 // weights of every 16-byte-access chunk are copied with the row (stage_weight_vec), chunk k
-// at 4 * its stage offset (0 when split).
+// at w_slot * its stage offset (0 when split); w_slot: 4 bytes per element where a staged
+// chunk has fp32 weights, else sizeof(T).
 template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kMaxThreads)
 rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
                     T* __restrict__ out,  // [T, total] contiguous
                     const int64_t num_rows, const int total, const float eps, const int mode, const bool split,
-                    const int w_stage_off) {
+                    const int w_stage_off, const int w_slot) {
   constexpr int V = Vec<T>::N;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int nwarps = blockDim.x / 32;
@@ -67,7 +68,7 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
   // Chunk k's staged weights, or null where they are read from global memory.
   auto w_stage = [&](const ChunkDesc& c) -> void* {
     if (!kStaged || w_stage_off == 0 || !c.vec || c.w_kind == kNoWeight) return nullptr;
-    return smem_raw + w_stage_off + (split ? 0 : 4 * static_cast<int64_t>(c.smem_off));
+    return smem_raw + w_stage_off + (split ? 0 : w_slot * static_cast<int64_t>(c.smem_off));
   };
 
   for (int64_t item = blockIdx.x; item < num_items; item += gridDim.x) {
@@ -285,13 +286,17 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
     const int64_t stage_bytes = (split ? max_chunk_elems : stage_elems) * static_cast<int64_t>(sizeof(scalar_t));
     StagePlan plan = plan_stage(sums_bytes, stage_bytes, device);
-    // Weight slots: 4 bytes per staged element (room for fp32 weights), only if some chunk
-    // has weights its 16-byte accesses can stage.
+    // Weight slots (only if some chunk has weights its 16-byte accesses can stage): 4 bytes
+    // per staged element where one of them is fp32, else the elements' own size.
     bool any_w = false;
-    for (int k = 0; k < num_chunks; ++k) any_w = any_w || (tab.c[k].vec && tab.c[k].w_kind != kNoWeight);
-    const int64_t w_bytes = any_w ? stage_weights_bytes(plan, c.num_rows, (split ? max_chunk_elems : stage_elems) * 4,
-                                                        device)
-                                  : 0;
+    int w_slot = static_cast<int>(sizeof(scalar_t));
+    for (int k = 0; k < num_chunks; ++k) {
+      if (!tab.c[k].vec || tab.c[k].w_kind == kNoWeight) continue;
+      any_w = true;
+      if (tab.c[k].w_kind == kWeightFp32) w_slot = 4;
+    }
+    const int64_t w_bytes =
+        any_w ? stage_weights_bytes(plan, c.num_rows, (split ? max_chunk_elems : stage_elems) * w_slot, device) : 0;
     const int w_stage_off = w_bytes > 0 ? static_cast<int>(plan.smem) : 0;
     plan.smem += w_bytes;
     auto* kernel = plan.staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
@@ -299,7 +304,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     const int64_t items = split ? c.num_rows * num_chunks : c.num_rows;
     kernel<<<static_cast<unsigned>(std::min<int64_t>(items, INT32_MAX)), threads, plan.smem, stream>>>(
         tab, num_chunks, static_cast<scalar_t*>(out.data_ptr()), c.num_rows, static_cast<int>(c.total_width), eps,
-        static_cast<int>(mode), split, w_stage_off);
+        static_cast<int>(mode), split, w_stage_off, w_slot);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
