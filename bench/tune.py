@@ -11,8 +11,9 @@ staged kernel with one block per (row, chunk) (``_norm_split_chunks(1)``); at T 
 blocks sized for 1 or 2 vectors per thread instead of 4 (``_norm_vecs_per_thread``). For the fc: the decode
 kernel (T <= 8), the mma.sync kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1, 2, 8, 16,
 64, selected with ``torch.ops.eagle3._fc_decode_max_tokens`` / ``_fc_mma_max_tokens``; on
-Hopper, the wgmma kernel (128 or 256 features per block) against rms_norm_cat + cuBLAS
-over T = 128..16384 x H = 4096..8192 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n``).
+Hopper, the wgmma kernel (128 or 256 features per block; "c2": clusters of two blocks
+multicasting the weight tiles) against rms_norm_cat + cuBLAS over T = 128..16384 x
+H = 4096..8192 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster``).
 Each row names the path that served it (``_fc_last_path``), so a kernel that declined
 shows as such.
 Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -118,11 +120,14 @@ def _sweep(measure) -> None:
     for H in (4096, 5120, 7168, 8192):
         for T in (128, 1024, 2048, 4096, 8192, 16384):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
-            tiles = (("wgmma-128", 1, 128),) if T <= 1024 else (("wgmma-256", 1, 256),)
+            # (name, min tokens, tile, blocks per cluster: 2 multicasts the weight tiles)
+            tiles = (("wgmma-128", 1, 128, 1),) if T <= 1024 else (("wgmma-256", 1, 256, 1),)
             if T in (128, 2048, 16384) and H in (4096, 7168):
-                tiles = (("wgmma-128", 1, 128), ("wgmma-256", 1, 256))  # both, as in the first run
-            for name, min_tokens, tile in tiles + (("norm_cat+cuBLAS", 0, 0),):
-                with kernel_switches(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile):
+                tiles = (("wgmma-128", 1, 128, 1), ("wgmma-256", 1, 256, 1))  # both, as in the first run
+            if not os.environ.get("EAGLE3_TUNE_NO_CLUSTER"):  # set by gpu_check.sh when its tests failed
+                tiles += (("wgmma-128 c2", 1, 128, 2),) if T <= 1024 else (("wgmma-256 c2", 1, 256, 2),)
+            for name, min_tokens, tile, cluster in tiles + (("norm_cat+cuBLAS", 0, 0, 1),):
+                with kernel_switches(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile, fc_wgmma_cluster=cluster):
                     measure(case, name)
 
 if __name__ == "__main__":

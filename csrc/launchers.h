@@ -53,6 +53,9 @@ int64_t fc_wgmma_min_tokens(int64_t value);
 // Features per block of launch_fc_wgmma: 128, 256, or 0 to choose by size (the default);
 // sets it and returns the previous value, -1 only queries.
 int64_t fc_wgmma_tile_n(int64_t value);
+// Blocks per cluster of launch_fc_wgmma, multicasting their weight tiles: 1 (the default) or
+// 2; sets it and returns the previous value, -1 only queries.
+int64_t fc_wgmma_cluster(int64_t value);
 // The direct fc paths in order: the decode kernel, the mma.sync kernel, the wgmma kernel;
 // returns the name of the one that served the call, nullptr if none did.
 const char* launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);

@@ -59,6 +59,12 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_wgmma_tile_n", value, value == 0 || value == 128 || value == 256,
                            ", 0 (by size), 128 or 256", EAGLE3_CUDA_SETTER(fc_wgmma_tile_n));
   });
+  // Blocks per cluster of that kernel, sharing their weight tiles by TMA multicast: 1 (the
+  // default) or 2.
+  m.def("_fc_wgmma_cluster(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_wgmma_cluster", value, value == 1 || value == 2, ", 1 or 2",
+                           EAGLE3_CUDA_SETTER(fc_wgmma_cluster));
+  });
   // The path that served this thread's last rms_norm_cat_linear call: "decode", "mma",
   // "wgmma" (CUDA kernels that never write the normalised input), "pair" (normalised copy,
   // then one GEMM; the CPU path), or "none" (no rows). For tests and benchmarks.

@@ -148,18 +148,21 @@ def replay_and_check_linear(rng, g, out, bases, xs, W, norm):
 
 
 @pytest.mark.parametrize("norm", ["none", "chunk"])
-@pytest.mark.parametrize("T,switch,path", [
-    pytest.param(24, "fc_mma_max_tokens", "mma", id="mma-T24"),
-    pytest.param(300, "fc_wgmma_min_tokens", "wgmma", id="wgmma-T300"),
-    pytest.param(4096, "fc_wgmma_min_tokens", "wgmma", id="wgmma-T4096"),
+@pytest.mark.parametrize("T,switch,path,cluster", [
+    pytest.param(24, "fc_mma_max_tokens", "mma", 1, id="mma-T24"),
+    pytest.param(300, "fc_wgmma_min_tokens", "wgmma", 1, id="wgmma-T300"),
+    pytest.param(4096, "fc_wgmma_min_tokens", "wgmma", 1, id="wgmma-T4096"),
+    pytest.param(300, "fc_wgmma_min_tokens", "wgmma", 2, id="wgmma-T300-c2"),
+    pytest.param(4096, "fc_wgmma_min_tokens", "wgmma", 2, id="wgmma-T4096-c2"),
 ])
-def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, norm):
+def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, cluster, norm):
     """The tensor-core fc kernels (off by default until measured) captured and replayed
-    with fresh data: the statistics pre-pass, its workspace and (wgmma) the tensor maps
-    built at capture must serve every replay. The wgmma kernel only on Hopper."""
+    with fresh data: (wgmma) the statistics pre-pass, its workspace and the tensor maps
+    built at capture must serve every replay; the wgmma kernel also in clusters of two
+    (a cluster launch in a graph). The wgmma kernel only on Hopper."""
     if path == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma kernel needs a compute capability 9.x card")
-    with kernel_switches(**{switch: 64 if path == "mma" else 1}):
+    with kernel_switches(**{switch: 64 if path == "mma" else 1}, fc_wgmma_cluster=cluster):
         rng = Rng(seed, DEV)
         xs, bases = make_chunks(rng, "split", T, [1024] * 3, BF)
         W = rng.linear_weight(1000, 3 * 1024, BF)

@@ -843,15 +843,17 @@ def wgmma_expected(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-@pytest.fixture(params=[128, 256], ids=["bn128", "bn256"])
+@pytest.fixture(params=[(128, 1), (256, 1), (128, 2), (256, 2)], ids=["bn128", "bn256", "bn128-c2", "bn256-c2"])
 def wgmma_from_1(request, device):
     """Route every T through the fc's wgmma kernel (off by default until measured), with
-    the decode and mma kernels off and the given features per block; restores them all.
-    CUDA only: on the CPU these calls are the pair the other grids already cover."""
+    the decode and mma kernels off, the given features per block and blocks per cluster
+    (2: the weight tiles multicast); restores them all. CUDA only: on the CPU these calls
+    are the pair the other grids already cover."""
     if torch.device(device).type != "cuda":
         pytest.skip("the wgmma kernel is a CUDA path; the CPU takes the pair, covered above")
-    with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=request.param, fc_decode_max_tokens=0,
-                         fc_mma_max_tokens=0):
+    tile_n, cluster = request.param
+    with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=tile_n, fc_wgmma_cluster=cluster,
+                         fc_decode_max_tokens=0, fc_mma_max_tokens=0):
         yield request.param
 
 
@@ -940,6 +942,7 @@ SWITCH_ERRORS = {
     "fc_mma_max_tokens": (65, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got 65"),
     "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),
     "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
+    "fc_wgmma_cluster": (0, "_fc_wgmma_cluster: value must be -1 (query), 1 or 2, got 0"),
 }
 
 

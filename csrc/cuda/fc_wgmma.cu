@@ -24,6 +24,8 @@
 //       "none": no scale and no pre-pass.
 //     - Tiles run in groups of kGroupM token tiles, token tile fastest, so the blocks that
 //       run together share their weight tiles in L2.
+//     - With _fc_wgmma_cluster(2) (off until measured), two blocks on consecutive token
+//       tiles form a cluster and each loads half of the weight tile, multicast to both.
 //
 // Numerics: the scale multiplies fp32 partial sums of the raw inputs (the identity of
 // DESIGN.md section 2, item 3) instead of rounding x * s to the input dtype first as
@@ -112,6 +114,27 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint
       ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer)
       : "memory");
 }
+// The same load multicast to every CTA of the cluster in `mask` (the same shared-memory
+// offset in each, completing on each one's barrier at `bar`'s offset).
+__device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int inner,
+                                                   int outer, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;\n"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer),
+      "h"(mask)
+      : "memory");
+}
+// One arrival on the barrier at `bar`'s offset in CTA `cta` of the cluster (this CTA too).
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+// Every thread of every CTA of the cluster.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
 // Shared-memory matrix descriptor of a K-major operand laid out by a TMA load with 128-byte
 // swizzle: rows of 128 bytes, 8-row (1024-byte) swizzle atoms, so the stride between 8-row
 // groups is 1024 bytes; the leading offset is unused in this layout. Advancing k by 16
@@ -152,7 +175,15 @@ __device__ __forceinline__ uint32_t pack2(float v0, float v1) {
 // __launch_bounds__(kThreads, 1) caps the registers at entry at 168 = 65536 / 384, which
 // setmaxnreg redistributes (producer 40, consumers 232: 128 x 40 + 256 x 232 = 384 x 168);
 // a different cap would leave setmaxnreg.inc waiting for registers that never free up.
-template <typename T, int BN>
+//
+// CM = 2 (set_wgmma_cluster): clusters of two blocks on consecutive token tiles of the same
+// features. Each block loads its own token tile and half of the weight tile, multicast to
+// both blocks, so the weight's L2 -> SM traffic halves (at BN = 256 it is two thirds of a
+// block's bytes per k-tile). A stage then goes back to a producer only when the consumers
+// of both blocks are done with it: one thread per consumer warpgroup arrives on the
+// `empty` barrier of each block of the cluster. A token tile past the last one (an odd
+// count) loads the last tile again and writes nothing.
+template <typename T, int BN, int CM>
 __global__ void __launch_bounds__(kThreads, 1)
 fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ XMaps xmaps,
                 const __grid_constant__ KTiles kt_of,
@@ -169,22 +200,31 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
   uint64_t* const full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES);
   uint64_t* const empty = full + STAGES;
 
-  // This block's tile: groups of kGroupM token tiles, token tile fastest.
+  static_assert(CM == 1 || CM == 2, "clusters of one or two blocks");
+  // This block's tile: groups of kGroupM token tiles, token tile fastest, in units of
+  // clusters (the CM blocks of a cluster take consecutive token tiles of the same features;
+  // a 1-D grid with cluster dims (CM, 1, 1) makes blockIdx.x % CM the rank in the cluster).
+  constexpr int kGroupC = kGroupM / CM;
   const int num_m = (num_tokens + kBM - 1) / kBM, num_n = (n_out + BN - 1) / BN;
-  const int group = blockIdx.x / (kGroupM * num_n), in_group = blockIdx.x % (kGroupM * num_n);
-  const int first_m = group * kGroupM, group_m = min(kGroupM, num_m - first_m);
-  const int m0 = (first_m + in_group % group_m) * kBM, n0 = (in_group / group_m) * BN;
+  const int num_mc = (num_m + CM - 1) / CM;
+  const int cid = blockIdx.x / CM, rank = blockIdx.x % CM;
+  const int group = cid / (kGroupC * num_n), in_group = cid % (kGroupC * num_n);
+  const int first_c = group * kGroupC, group_c = min(kGroupC, num_mc - first_c);
+  const int m0 = ((first_c + in_group % group_c) * CM + rank) * kBM, n0 = (in_group / group_c) * BN;
+  const int m0_load = min(m0, (num_m - 1) * kBM);
   const int num_kt = kt_of.first[kt_of.num_chunks];
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);                   // the producer's arrive (+ the TMA bytes)
-      mbar_init(&empty[s], kConsumerThreads);   // every consumer thread
+      mbar_init(&full[s], 1);  // the producer's arrive (+ the TMA bytes)
+      // CM = 1: every consumer thread; else one thread per consumer warpgroup of each block
+      mbar_init(&empty[s], CM == 1 ? kConsumerThreads : 2 * CM);
     }
     // the initialised barriers visible to the TMA unit (async proxy) before any copy
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
   }
   __syncthreads();
+  if constexpr (CM > 1) cluster_sync();  // both blocks' barriers initialised before any multicast
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
@@ -197,8 +237,13 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
         while (kt >= kt_of.first[c + 1]) ++c;
         uint8_t* const a = smem + s * STAGE_BYTES;
         mbar_arrive_expect_tx(&full[s], STAGE_BYTES);  // out-of-bounds rows are zero-filled and still counted
-        tma_load(a, &xmaps.m[c], &full[s], (kt - kt_of.first[c]) * kBK, m0);
-        tma_load(a + A_BYTES, &wmap, &full[s], kt * kBK, n0);
+        tma_load(a, &xmaps.m[c], &full[s], (kt - kt_of.first[c]) * kBK, m0_load);
+        if constexpr (CM == 1) {
+          tma_load(a + A_BYTES, &wmap, &full[s], kt * kBK, n0);
+        } else {  // this block's half of the weight tile, into both blocks
+          tma_load_multicast(a + A_BYTES + rank * (BN / CM) * kBK * 2, &wmap, &full[s], kt * kBK,
+                             n0 + rank * (BN / CM), static_cast<uint16_t>((1u << CM) - 1));
+        }
       }
     }
   } else {
@@ -234,7 +279,13 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
       wgmma_commit();
       wgmma_wait<1>();  // the group of k-tile kt - 1 is complete: its stage can be refilled
       fence_acc(acc);
-      if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+      if (kt > 0) {
+        if constexpr (CM == 1) {
+          mbar_arrive(&empty[(kt - 1) % STAGES]);
+        } else if (tid % 32 == 0 && warp < CM) {  // warp r's first thread: block r of the cluster
+          mbar_arrive_cluster(&empty[(kt - 1) % STAGES], static_cast<uint32_t>(warp));
+        }
+      }
     }
     wgmma_wait<0>();
     fence_acc(acc);
@@ -263,6 +314,8 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
       }
     }
   }
+  // No block leaves while the other may still multicast into it or arrive on its barriers.
+  if constexpr (CM > 1) cluster_sync();
 #else
   __trap();  // launched only where the sm_90a code was built and selected (wgmma_runs_here)
 #endif
@@ -277,6 +330,10 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
 std::atomic<int64_t> g_wgmma_min_tokens{0};
 // Features per block: 0 chooses (256 when that fills every multiprocessor, else 128).
 std::atomic<int64_t> g_wgmma_tile_n{0};
+// Blocks per cluster sharing (multicasting) their weight tiles: 1, or 2 (not yet run on a
+// GPU; the H100 run's kernel was CM = 1 at an estimated 7 TB/s of L2 -> SM traffic at
+// T=16384, H=7168: 48 KB per k-tile per block at 611 TFLOP/s).
+std::atomic<int64_t> g_wgmma_cluster{1};
 
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
 
@@ -338,9 +395,9 @@ bool wgmma_runs_here(const void* kernel, int device) {
   return ok;
 }
 
-template <typename T, int BN>
+template <typename T, int BN, int CM>
 bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
-  const auto kernel = fc_wgmma_kernel<T, BN>;
+  const auto kernel = fc_wgmma_kernel<T, BN, CM>;
   const int device = weight.get_device();
   const c10::cuda::CUDAGuard guard(weight.device());
   if (!wgmma_runs_here(reinterpret_cast<const void*>(kernel), device)) return false;
@@ -362,16 +419,35 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
   }
   tiles.first[num_chunks] = static_cast<int32_t>(c.total_width / kBK);
   CUtensorMap wmap{};
-  if (!encode_map(&wmap, dt, weight.data_ptr(), c.total_width, N, weight.stride(0) * 2, BN)) return false;
+  if (!encode_map(&wmap, dt, weight.data_ptr(), c.total_width, N, weight.stride(0) * 2, BN / CM)) return false;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const at::Tensor scales = fc_row_scales(tab, c, eps, mode, weight, stream);
   configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
-  const int64_t blocks = ((T_ + kBM - 1) / kBM) * ((N + BN - 1) / BN);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes_for(BN), stream>>>(
-      wmap, xmaps, tiles, scales.defined() ? scales.data_ptr<float>() : nullptr, static_cast<T*>(out.data_ptr()),
-      static_cast<int>(T_), static_cast<int>(N), static_cast<int>(mode));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t token_tiles = ((T_ + kBM - 1) / kBM + CM - 1) / CM * CM;  // whole clusters
+  const int64_t blocks = token_tiles * ((N + BN - 1) / BN);
+  const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
+  if constexpr (CM == 1) {
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes_for(BN), stream>>>(
+        wmap, xmaps, tiles, scales_ptr, static_cast<T*>(out.data_ptr()), static_cast<int>(T_), static_cast<int>(N),
+        static_cast<int>(mode));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem_bytes_for(BN);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CM;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, wmap, xmaps, tiles, scales_ptr, static_cast<T*>(out.data_ptr()),
+                                      static_cast<int>(T_), static_cast<int>(N), static_cast<int>(mode)));
+  }
   return true;
 }
 
@@ -382,7 +458,10 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
     const int64_t tiles256 = ((c.num_rows + kBM - 1) / kBM) * ((weight.size(0) + 255) / 256);
     bn = tiles256 >= sm_count(weight.get_device()) ? 256 : 128;
   }
-  return bn == 256 ? launch_tile<T, 256>(c, weight, eps, mode, out) : launch_tile<T, 128>(c, weight, eps, mode, out);
+  if (g_wgmma_cluster.load(std::memory_order_relaxed) == 2)
+    return bn == 256 ? launch_tile<T, 256, 2>(c, weight, eps, mode, out)
+                     : launch_tile<T, 128, 2>(c, weight, eps, mode, out);
+  return bn == 256 ? launch_tile<T, 256, 1>(c, weight, eps, mode, out) : launch_tile<T, 128, 1>(c, weight, eps, mode, out);
 }
 
 }  // namespace
@@ -410,6 +489,11 @@ bool launch_fc_wgmma(const ChunkRows& c, const at::Tensor& weight, float eps, No
 int64_t fc_wgmma_min_tokens(int64_t value) {
   if (value < 0) return g_wgmma_min_tokens.load();
   return g_wgmma_min_tokens.exchange(value);
+}
+
+int64_t fc_wgmma_cluster(int64_t value) {
+  if (value < 0) return g_wgmma_cluster.load();
+  return g_wgmma_cluster.exchange(value);
 }
 
 int64_t fc_wgmma_tile_n(int64_t value) {
