@@ -11,11 +11,11 @@ namespace {
 // One of the kernels' strategy switches: value -1 queries; any other value must be `valid`
 // (the error names the op and what it takes: "-1 (query)" + expected). A CUDA build sets it
 // through `set` and returns the previous value; a CPU-only build has no kernels to switch
-// and returns 0.
+// and returns `cpu_value`, a value the switch accepts (so that restoring it succeeds).
 int64_t strategy_switch(const char* name, int64_t value, bool valid, const char* expected,
-                        int64_t (*set)(int64_t)) {
+                        int64_t (*set)(int64_t), int64_t cpu_value = 0) {
   TORCH_CHECK_VALUE(value == -1 || valid, name, ": value must be -1 (query)", expected, ", got ", value);
-  return set ? set(value) : 0;
+  return set ? set(value) : cpu_value;
 }
 
 }  // namespace
@@ -63,7 +63,7 @@ TORCH_LIBRARY(eagle3, m) {
   // default) or 2.
   m.def("_fc_wgmma_cluster(int value=-1) -> int", [](int64_t value) {
     return strategy_switch("_fc_wgmma_cluster", value, value == 1 || value == 2, ", 1 or 2",
-                           EAGLE3_CUDA_SETTER(fc_wgmma_cluster));
+                           EAGLE3_CUDA_SETTER(fc_wgmma_cluster), 1);
   });
   // The path that served this thread's last rms_norm_cat_linear call: "decode", "mma",
   // "wgmma" (CUDA kernels that never write the normalised input), "pair" (normalised copy,
@@ -91,7 +91,7 @@ TORCH_LIBRARY(eagle3, m) {
   // 4096 bf16 gets 128 threads).
   m.def("_norm_vecs_per_thread(int value=-1) -> int", [](int64_t value) {
     return strategy_switch("_norm_vecs_per_thread", value, value >= 1 && value <= 8, " or 1..8",
-                           EAGLE3_CUDA_SETTER(set_norm_vecs_per_thread));
+                           EAGLE3_CUDA_SETTER(set_norm_vecs_per_thread), 4);
   });
   // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk (1),
   // or one block per row (0, the default).

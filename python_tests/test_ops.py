@@ -740,7 +740,7 @@ def test_rms_norm_cat_vecs_per_thread(device, seed, dtype, widths, strategy, vec
     xs, bases = make_chunks(rng, "split", 37, widths, dtype)
     weights = make_weights(rng, "mixed", widths, dtype)
     with kernel_switches(norm_vecs_per_thread=vecs, **NORM_STRATEGIES[strategy]):
-        assert torch.ops.eagle3._norm_vecs_per_thread(-1) == (vecs if eagle3_ops.has_cuda_kernels() else 0)
+        assert torch.ops.eagle3._norm_vecs_per_thread(-1) == (vecs if eagle3_ops.has_cuda_kernels() else 4)
         for shared in (False, True):
             check_rms_norm_cat(device, xs, bases, weights, EPS, shared, (37,))
 
@@ -777,8 +777,9 @@ def mma_up_to_64():
         yield
 
 
+# K2-320-64: a warp's group of k-blocks (w, w + 8) starts in one chunk and ends in the next
 MMA_WIDTHS = {"K1-64": [64], "K2-96-32": [96, 32], "K3-1024": [1024] * 3, "K5-32": [32] * 5,
-              "K3-odd": [1024, 769, 64]}  # 769: not a multiple of 32, the pair serves it
+              "K3-odd": [1024, 769, 64], "K2-320-64": [320, 64]}  # 769: not a multiple of 32, the pair serves it
 
 
 @pytest.mark.parametrize("N", [1, 129])
@@ -948,11 +949,13 @@ SWITCH_ERRORS = {
 
 def test_every_strategy_switch_refuses_bad_values():
     """Every switch (CUDA and CPU-only builds alike) refuses a value outside its range with
-    its own message, and a refused value leaves the switch as it was."""
+    its own message, and a refused value leaves the switch as it was; the value a query
+    reports is one the switch takes back (kernel_switches restores it)."""
     assert set(SWITCH_ERRORS) == set(eagle3_ops.ops.KERNEL_SWITCHES)
     for name, (bad, message) in SWITCH_ERRORS.items():
         op = getattr(torch.ops.eagle3, "_" + name)
         before = op(-1)
+        assert op(before) == before, name
         with pytest.raises(ValueError, match=re.escape(message)):
             op(bad)
         assert op(-1) == before, name

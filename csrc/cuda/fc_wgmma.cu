@@ -129,7 +129,9 @@ __device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap*
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+  // (no .release.cluster: it would fence the whole GPU on every k-tile, and the only thing
+  // to order, the wgmma group's shared-memory reads, is complete after wgmma.wait_group)
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 // Every thread of every CTA of the cluster.
 __device__ __forceinline__ void cluster_sync() {
@@ -176,7 +178,7 @@ __device__ __forceinline__ uint32_t pack2(float v0, float v1) {
 // setmaxnreg redistributes (producer 40, consumers 232: 128 x 40 + 256 x 232 = 384 x 168);
 // a different cap would leave setmaxnreg.inc waiting for registers that never free up.
 //
-// CM = 2 (set_wgmma_cluster): clusters of two blocks on consecutive token tiles of the same
+// CM = 2 (_fc_wgmma_cluster(2)): clusters of two blocks on consecutive token tiles of the same
 // features. Each block loads its own token tile and half of the weight tile, multicast to
 // both blocks, so the weight's L2 -> SM traffic halves (at BN = 256 it is two thirds of a
 // block's bytes per k-tile). A stage then goes back to a producer only when the consumers
