@@ -97,7 +97,7 @@ def full_table(rows: List[Dict[str, Any]]) -> str:
             g = "graph_" if r.get("graph_us") else ""
             spread = f"{_f(r['p20_us'])}-{_f(r['p80_us'])}" if r.get("p20_us") is not None else "—"
             lines.append([
-                _op_name(r), f"{name} ({r['path']})" if r.get("path") else name,  # ours: the fc path that served
+                _op_name(r), f"{name} ({r['path']})" if r.get("path") else name,  # ours: the fc path / norm plan
                 r["T"], r["H"], r["K"], r["N"] or "", r["dtype"], _f(r.get("median_us")), spread,
                 _f(r.get("graph_us")), _f(r.get(g + "gbps")), _f(r.get(g + "tflops")), _f(r.get(g + "pct_of_copy_bw")),
                 _f(r.get(g + "pct_of_matmul")), _f(r.get(g + "pct_of_roofline")),

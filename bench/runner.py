@@ -243,6 +243,8 @@ def run_case(case: C.Case, cfg: Config) -> List[Dict[str, Any]]:
             row["first_call_s"] = time.perf_counter() - t0
             if impl.name == "eagle3" and (case.op == C.FC_OP or case.op in C.DRAFTER_OPS):
                 row["path"] = torch.ops.eagle3._fc_last_path()  # which fc kernel served (the drafter's: its last fc)
+            elif impl.name == "eagle3":  # the norm launch's plan: strategy, weights staged, threads
+                row["path"] = torch.ops.eagle3._norm_last_plan()
             chk = checker(out)
             del out
             row["max_rel_err"], row["correct"] = chk.err, chk.ok

@@ -35,8 +35,10 @@ def test_runner_cpu_smoke(tmp_path, capsys):
     ours = [r for r in rows if r["impl"] == "eagle3"]
     assert all(r["ratio_vs_eager"] > 0 for r in ours)
     assert all(r["ratio_vs_linear"] > 0 and r["tflops"] > 0 for r in ours if r["op"] == "rms_norm_cat_linear")
-    # the fc path that served ours (on the CPU always the pair); the baselines have none
+    # the fc path that served ours (on the CPU always the pair), the norm plan ("cpu"); the
+    # baselines have none
     assert all(r["path"] == "pair" for r in ours if r["op"] == "rms_norm_cat_linear" or r["op"] in C.DRAFTER_OPS)
+    assert all(r["path"] == "cpu" for r in ours if r["op"] != "rms_norm_cat_linear" and r["op"] not in C.DRAFTER_OPS)
     assert all(r["path"] is None for r in rows if r["impl"] != "eagle3")
     steps = [r for r in ours if r["op"] == "drafter_step"]
     assert [r["T"] for r in steps] == [1, 5] and "| drafter_step | 1 | 260 | 3 |" in table

@@ -14,8 +14,9 @@ kernel (T <= 8), the mma.sync kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1
 Hopper, the wgmma kernel (128 or 256 features per block; "c2": clusters of two blocks
 multicasting the weight tiles) against rms_norm_cat + cuBLAS over T = 128..16384 x
 H = 4096..8192 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster``).
-Each row names the path that served it (``_fc_last_path``), so a kernel that declined
-shows as such.
+Each row names the path that served it (``_fc_last_path``; for the norm kernels the launch's
+plan, ``_norm_last_plan``: strategy, weights staged, threads per block), so a kernel that
+declined shows as such.
 Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
 beside the copy bandwidth measured in the same run and the variant's error against float64.
 The defaults in csrc/ are chosen from these tables.
@@ -64,7 +65,8 @@ def main() -> None:
 
     def measure(case, name):
         us, err = _time_ours(case, budget, cache)
-        path = OPS._fc_last_path() if case.op == C.FC_OP else "-"
+        # the fc's path, or the norm launch's plan (strategy, weights staged, threads)
+        path = OPS._fc_last_path() if case.op == C.FC_OP else OPS._norm_last_plan()
         gbps = case.bytes_moved() / us / 1e3
         rows.append(dict(op=case.op, T=case.T, H=case.H, variant=name, path=path, us=us, gbps=gbps,
                          pct_copy=100 * gbps / copy, rel_err=err))

@@ -8,6 +8,18 @@
 
 namespace eagle3 {
 
+// What this thread's last rms_norm_cat / fused_add_rms_norm launch did, for the tests and
+// the tune table (torch.ops.eagle3._norm_last_plan): the strategy ("cpu", "staged",
+// "two-pass", "registers"; "none" for no rows), one block per (row, chunk), the norm weights
+// staged with the row, threads per block (0 on the CPU).
+struct NormPlan {
+  const char* strategy;
+  bool split;
+  bool staged_weights;
+  int threads;
+};
+void set_norm_last_plan(const NormPlan& plan);
+
 struct Backend {
   // out [T, sum H_k] contiguous <- per-chunk / shared / no normalisation of c's chunks.
   void (*norm_cat)(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,

@@ -11,6 +11,13 @@ namespace {
 
 // The path that served this thread's last rms_norm_cat_linear call (fc_last_path).
 thread_local const char* t_last_fc_path = "";
+// This thread's last norm launch (norm_last_plan); the CUDA launchers record theirs.
+thread_local NormPlan t_last_norm_plan{"none", false, false, 0};
+
+extern const Backend kCpu;
+void start_norm_plan(const Backend& b, int64_t rows) {
+  t_last_norm_plan = NormPlan{rows == 0 ? "none" : (&b == &kCpu ? "cpu" : "unrecorded"), false, false, 0};
+}
 
 at::Tensor rms_norm_cat_impl(const Backend& b, const std::vector<at::Tensor>& xs,
                              const std::vector<OptTensor>& weights, double eps, bool shared_stats) {
@@ -19,6 +26,7 @@ at::Tensor rms_norm_cat_impl(const Backend& b, const std::vector<at::Tensor>& xs
   check_norm_weights(op, c, weights);
   check_eps(op, eps);
   at::Tensor out = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
+  start_norm_plan(b, c.num_rows);
   if (c.num_rows > 0)
     b.norm_cat(c, weights_as_1d(weights), static_cast<float>(eps),
                shared_stats ? NormMode::kShared : NormMode::kChunk, out);
@@ -31,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_impl(const Backend& b, con
   auto [x2, r2] = check_fused_add(x, residual, weight, eps);
   at::Tensor normed = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor sum = at::empty_like(normed);
+  start_norm_plan(b, x2.size(0));
   if (x2.size(0) > 0) {
     at::Tensor n2 = normed.view({-1, x2.size(1)}), s2 = sum.view({-1, x2.size(1)});
     b.fused_add(x2, r2, weight.has_value() ? weight_1d(*weight) : at::Tensor(), static_cast<float>(eps), n2, s2);
@@ -57,6 +66,7 @@ at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tens
   t_last_fc_path = "pair";
   // The norm weights are folded into `weight`: normalise without weights, then one GEMM.
   at::Tensor xn = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
+  start_norm_plan(b, c.num_rows);
   b.norm_cat(c, {}, static_cast<float>(eps), mode, xn);
   // Below autograd: this op has no derivative formula, and the GEMM must not record one
   // (nor refuse out= because an argument requires grad).
@@ -101,6 +111,17 @@ at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at:
 #endif
 
 std::string fc_last_path() { return t_last_fc_path; }
+
+void set_norm_last_plan(const NormPlan& plan) { t_last_norm_plan = plan; }
+
+std::string norm_last_plan() {
+  const NormPlan& p = t_last_norm_plan;
+  std::string s = p.strategy;
+  if (p.split) s += "+split";
+  if (p.staged_weights) s += "+w";
+  if (p.threads > 0) s += " " + std::to_string(p.threads);
+  return s;
+}
 
 // ---- Autograd: the ops have no backward. Rather than return outputs whose gradients would
 // silently be missing, a call that autograd would have to differentiate is an error.

@@ -41,5 +41,8 @@ at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at:
 // The _fc_last_path op: "decode", "mma", "wgmma" or "pair" (normalised copy + GEMM), the
 // path of this thread's last rms_norm_cat_linear call ("none" when it had no rows).
 std::string fc_last_path();
+// The _norm_last_plan op: this thread's last norm launch as "<strategy>[+split][+w] <threads>"
+// (e.g. "staged+w 128"), "cpu", or "none" when it had no rows.
+std::string norm_last_plan();
 
 }  // namespace eagle3

@@ -69,6 +69,11 @@ TORCH_LIBRARY(eagle3, m) {
   // "wgmma" (CUDA kernels that never write the normalised input), "pair" (normalised copy,
   // then one GEMM; the CPU path), or "none" (no rows). For tests and benchmarks.
   m.def("_fc_last_path() -> str", []() -> std::string { return eagle3::fc_last_path(); });
+  // This thread's last rms_norm_cat / fused_add_rms_norm launch (also the fc pair's norm):
+  // "<strategy>[+split][+w] <threads>" on CUDA (strategy "staged", "two-pass" or
+  // "registers"; +split: one block per (row, chunk); +w: the norm weights staged with the
+  // row), "cpu", or "none" (no rows). For tests and benchmarks.
+  m.def("_norm_last_plan() -> str", []() -> std::string { return eagle3::norm_last_plan(); });
   // Largest shared-memory stage per block of the CUDA norm kernels, in bytes (0: never
   // stage; rows are then read twice from global memory).
   m.def("_norm_stage_limit(int value=-1) -> int", [](int64_t value) {

@@ -691,11 +691,18 @@ def staged_weights():
                          ids=["3x4096", "4096+odd", "5chunks", "8192+64", "3x7168"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_cat_staged_weights(device, seed, staged_weights, dtype, widths, layout, shared, kind, split, T):
+    """...and _norm_last_plan shows the weights staged where they must be: every chunk of
+    3x4096 and 8192+64 (any weight kind fits the 100 KB stage), the 4096 chunk of 4096+odd."""
     rng = Rng(seed, device)
     xs, bases = make_chunks(rng, layout, T, widths, dtype)
     weights = make_weights(rng, kind, widths, dtype)
     with kernel_switches(norm_split_chunks=split):
         check_rms_norm_cat(device, xs, bases, weights, EPS, shared, lead_shape(layout, T))
+    if torch.device(device).type == "cuda":
+        plan = torch.ops.eagle3._norm_last_plan()
+        if widths in ([4096] * 3, [8192, 64]) or (widths[0] == 4096 and layout == "contig"):
+            assert plan.startswith("staged") and "+w" in plan, plan
+        assert ("+split" in plan) == bool(split and not shared), plan
 
 
 def test_rms_norm_cat_staged_weights_row_bound(device, seed):
@@ -707,6 +714,11 @@ def test_rms_norm_cat_staged_weights_row_bound(device, seed):
         weights = make_weights(rng, "mixed", [1024] * 3, torch.bfloat16)
         with kernel_switches(norm_stage_weights=8):
             check_rms_norm_cat(device, xs, bases, weights, EPS, False, (T,))
+        plan = torch.ops.eagle3._norm_last_plan()
+        if torch.device(device).type == "cuda":
+            assert plan == ("staged+w 32" if T == 7 else "staged 32"), (T, plan)
+        else:
+            assert plan == "cpu", plan
 
 
 @pytest.mark.parametrize("T", [1, 83])
@@ -719,6 +731,9 @@ def test_fused_add_rms_norm_staged_weights(device, seed, staged_weights, dtype, 
     x, r, bases = make_pair(rng, layout, T, H, dtype)
     w = None if wdtype == "none" else rng.norm_weight(H, dtype if wdtype == "same" else torch.float32)
     check_fused_add(device, x, r, bases, w, EPS)
+    if torch.device(device).type == "cuda":  # staged wherever the row has 16-byte accesses and a weight
+        staged_w = H != 769 and layout != "padded" and wdtype != "none"
+        assert ("+w" in torch.ops.eagle3._norm_last_plan()) == staged_w, torch.ops.eagle3._norm_last_plan()
 
 
 # ---- the norm kernels' block size (vectors per thread) ---------------------------------------
@@ -726,6 +741,11 @@ def test_fused_add_rms_norm_staged_weights(device, seed, staged_weights, dtype, 
 
 NORM_STRATEGIES = {"staged": {}, "two-pass": {"norm_stage_limit": 0}, "registers": {"norm_registers": 1},
                    "staged+w": {"norm_stage_weights": 1024}}
+# Threads per block for a 3 x 4096 row by (element size, vectors per thread): 512 (2-byte) or
+# 1024 (fp32) vectors per chunk over v per thread, 32..512 threads; the register kernel holds
+# at most 4 per thread and falls back to 4 where v would pass 512 threads.
+NORM_THREADS = {(2, 1): 512, (2, 2): 256, (2, 8): 64, (4, 1): 512, (4, 2): 512, (4, 8): 128}
+REG_THREADS = {(2, 1): 512, (2, 2): 256, (2, 8): 128, (4, 1): 256, (4, 2): 512, (4, 8): 256}
 
 
 @pytest.mark.parametrize("vecs", [1, 2, 8])
@@ -743,6 +763,11 @@ def test_rms_norm_cat_vecs_per_thread(device, seed, dtype, widths, strategy, vec
         assert torch.ops.eagle3._norm_vecs_per_thread(-1) == (vecs if eagle3_ops.has_cuda_kernels() else 4)
         for shared in (False, True):
             check_rms_norm_cat(device, xs, bases, weights, EPS, shared, (37,))
+            if torch.device(device).type == "cuda" and widths == [4096] * 3:
+                key = (dtype.itemsize, vecs)
+                expect = {"registers": f"registers {REG_THREADS[key]}", "two-pass": f"two-pass {NORM_THREADS[key]}",
+                          "staged": f"staged {NORM_THREADS[key]}", "staged+w": f"staged+w {NORM_THREADS[key]}"}
+                assert torch.ops.eagle3._norm_last_plan() == expect[strategy], (strategy, key)
 
 
 @pytest.mark.parametrize("vecs", [1, 2, 8])
@@ -966,6 +991,23 @@ def test_fc_wgmma_switches_validate_their_argument():
         torch.ops.eagle3._fc_wgmma_min_tokens(-2)
     with pytest.raises(ValueError, match="_fc_wgmma_tile_n: value must be -1 \\(query\\), 0 \\(by size\\), 128 or 256"):
         torch.ops.eagle3._fc_wgmma_tile_n(64)
+
+
+def test_norm_last_plan_names_the_launch(device, seed):
+    """_norm_last_plan follows the norm calls: "none" for no rows, "cpu" on the CPU, and on
+    CUDA the default strategy with its block size (4 vectors per thread: 3 x 4096 bf16 rows
+    take 128 threads, one 4096 row of the fused add too)."""
+    rng = Rng(seed, device)
+    cuda = torch.device(device).type == "cuda"
+    xs = [rng.randn((3, 4096), torch.bfloat16) for _ in range(3)]
+    eagle3_ops.rms_norm_cat(xs)
+    assert torch.ops.eagle3._norm_last_plan() == ("staged 128" if cuda else "cpu")
+    eagle3_ops.rms_norm_cat([x[:0] for x in xs])
+    assert torch.ops.eagle3._norm_last_plan() == "none"
+    eagle3_ops.fused_add_rms_norm(xs[0], xs[1], None, EPS)
+    assert torch.ops.eagle3._norm_last_plan() == ("staged 128" if cuda else "cpu")
+    eagle3_ops.fused_add_rms_norm(xs[0][:0], xs[1][:0], None, EPS)
+    assert torch.ops.eagle3._norm_last_plan() == "none"
 
 
 def test_fc_last_path_names_the_path(device, seed):

@@ -182,6 +182,7 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
           r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
           rows, static_cast<int>(width), eps);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      set_norm_last_plan({"registers", false, false, rthreads});
       return;
     }
     const int threads = threads_for(vec ? width / V : width);
@@ -197,6 +198,7 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
         r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
         rows, static_cast<int>(width), eps, vec, w_bytes > 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    set_norm_last_plan({plan.staged ? "staged" : "two-pass", false, w_bytes > 0, threads});
   });
 }
 

@@ -278,6 +278,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
                                                                   static_cast<int>(c.total_width), eps,
                                                                   static_cast<int>(mode));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      set_norm_last_plan({"registers", false, false, rthreads});
       return;
     }
     const bool split = g_norm_split_chunks.load(std::memory_order_relaxed) && mode != NormMode::kShared &&
@@ -306,6 +307,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
         tab, num_chunks, static_cast<scalar_t*>(out.data_ptr()), c.num_rows, static_cast<int>(c.total_width), eps,
         static_cast<int>(mode), split, w_stage_off, w_slot);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    set_norm_last_plan({plan.staged ? "staged" : "two-pass", split, w_bytes > 0, threads});
   });
 }
 
