@@ -38,6 +38,11 @@ from bench import timing
 OPS = torch.ops.eagle3
 
 
+# The float64 reference of the last case (its variants are measured one after another on
+# the same inputs): (case, reference), so a T=16384 fc's reference is computed once.
+_last_reference: list = [None, None]
+
+
 def _time_ours(case: C.Case, budget: timing.Budget, cache_bytes: int) -> tuple[float, float]:
     """(median us, relative error against float64 of the first input set). T <= 64 is timed
     by CUDA-graph replay (GPU time, as the defaults were chosen), larger T with events."""
@@ -45,7 +50,10 @@ def _time_ours(case: C.Case, budget: timing.Budget, cache_bytes: int) -> tuple[f
     impl = next(i for i in C.implementations(case, with_compile=False).impls if i.name == "eagle3")
     inputs = [C.make_inputs(case, seed=i) for i in range(n)]
     calls = [impl.prepare(inp) for inp in inputs]
-    err = C.rel_err(calls[0](), C.reference_fp64(case, inputs[0]))
+    if _last_reference[0] is not case:
+        _last_reference[:] = [None, None]  # free the previous one first
+        _last_reference[:] = [case, C.reference_fp64(case, inputs[0])]
+    err = C.rel_err(calls[0](), _last_reference[1])
     stats = timing.time_cuda_graph(calls, 20, budget) if case.T <= 64 else timing.time_cuda(calls, budget)
     return stats.median_us, err
 
