@@ -119,6 +119,34 @@ def test_graph_fused_add_rms_norm(seed, T, H, layout):
     free_cuda()
 
 
+@pytest.mark.parametrize("vecs", [4, 1])
+def test_graph_norms_staged_weights(seed, vecs):
+    """The norm weights staged with the row (_norm_stage_weights, off by default until
+    measured) under graph replay: inputs and weights refilled in place before each replay
+    are the ones every replay uses (each launch stages the weights anew)."""
+    rng = Rng(seed, DEV)
+    with kernel_switches(norm_stage_weights=64, norm_vecs_per_thread=vecs):
+        xs, bases = make_chunks(rng, "split", 5, [4096] * 3, BF)
+        ws = [rng.norm_weight(4096, BF), rng.norm_weight(4096, torch.float32), rng.norm_weight(4096, BF)]
+        x, r, pair_bases = make_pair(rng, "contig", 5, 4096, BF)
+        w = rng.norm_weight(4096, BF)
+        g, (out, (normed, summed)) = capture(lambda: (eagle3_ops.rms_norm_cat(xs, ws, EPS),
+                                                      eagle3_ops.fused_add_rms_norm(x, r, w, EPS)))
+        assert torch.ops.eagle3._norm_last_plan().startswith("staged+w"), torch.ops.eagle3._norm_last_plan()
+        for i in range(3):
+            refill(rng, bases + pair_bases)
+            for t in ws + [w]:  # new weights, near 1
+                t.copy_(rng.norm_weight(t.numel(), t.dtype))
+            replay_poisoned(g, (out, normed, summed))
+            assert_close_to_fp64(out, reference.rms_norm_cat_fp64(xs, ws, EPS, False),
+                                 reference.rms_norm_cat(xs, ws, EPS, False), f"rms_norm_cat replay {i}")
+            n64, s64 = reference.fused_add_rms_norm_fp64(x, r, w, EPS)
+            ne, se = reference.fused_add_rms_norm(x, r, w, EPS)
+            assert_close_to_fp64(normed, n64, ne, f"normed replay {i}")
+    del g, out, normed, summed
+    free_cuda()
+
+
 @pytest.mark.parametrize("norm", ["none", "chunk", "shared"])
 @pytest.mark.parametrize("T,widths,layout,N", [
     pytest.param(1, [4096] * 3, "split", 4096, id="T1-K3-4096-N4096"),
