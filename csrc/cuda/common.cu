@@ -41,10 +41,16 @@ namespace {
 std::atomic<int64_t> g_norm_stage_limit{100 * 1024};
 }  // namespace
 
+namespace {
+// Shared memory a staged launch may take: the stage limit, within what the device allows.
+int64_t stage_budget(int device) {
+  return std::min<int64_t>(g_norm_stage_limit.load(std::memory_order_relaxed), max_smem_optin(device));
+}
+}  // namespace
+
 StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device) {
   const int64_t staged = scratch_bytes + stage_bytes;
-  if (staged <= std::min<int64_t>(g_norm_stage_limit.load(std::memory_order_relaxed), max_smem_optin(device)))
-    return {true, staged};
+  if (staged <= stage_budget(device)) return {true, staged};
   return {false, scratch_bytes};
 }
 
@@ -56,8 +62,7 @@ std::atomic<int64_t> g_norm_stage_weights{0};
 
 int64_t stage_weights_bytes(const StagePlan& plan, int64_t rows, int64_t weight_bytes, int device) {
   if (!plan.staged || rows > g_norm_stage_weights.load(std::memory_order_relaxed)) return 0;
-  const int64_t limit = std::min<int64_t>(g_norm_stage_limit.load(std::memory_order_relaxed), max_smem_optin(device));
-  return plan.smem + weight_bytes <= limit ? weight_bytes : 0;
+  return plan.smem + weight_bytes <= stage_budget(device) ? weight_bytes : 0;
 }
 
 int64_t set_norm_stage_weights(int64_t rows) {

@@ -126,13 +126,6 @@ struct ChunkTable {
   ChunkDesc c[kMaxChunks];
 };
 
-// The wgmma fc kernel's statistics pre-pass (defined in fc_mma.cu): per token, the scale of each chunk
-// (norm "chunk": rsqrt(mean(x_k^2) + eps); "shared": the row's one scale, repeated per
-// chunk) as fp32 [T, K] on `like`'s device; undefined for norm "none". bf16 / fp16 chunks
-// whose every access is 16 bytes wide (the callers check), described by `tab`.
-at::Tensor fc_row_scales(const ChunkTable& tab, const ChunkRows& c, float eps, NormMode mode, const at::Tensor& like,
-                         cudaStream_t stream);
-
 // ---- norm weights (none, x's dtype, or fp32) as fp32 ---------------------------------------
 // The V weights [i, i + V) of a contiguous, 16-byte aligned weight (i a multiple of V): from
 // global memory through the read-only path, or (kStaged) from the block's shared-memory copy

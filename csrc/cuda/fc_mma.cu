@@ -64,46 +64,6 @@ struct MmaType<__half> {
 };
 #undef EAGLE3_MMA_M16N8K16
 
-// Per token: the scale of every chunk, written to scales[t * num_chunks + k].
-template <typename T>
-__global__ void __launch_bounds__(256)
-fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks, float* __restrict__ scales,
-                     const int64_t num_rows, const int total, const float eps, const int mode) {
-  constexpr int V = Vec<T>::N;
-  __shared__ float warp_sums[kMaxChunks][8];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t t = blockIdx.x; t < num_rows; t += gridDim.x) {
-    for (int k = 0; k < num_chunks; ++k) {
-      const ChunkDesc& c = tab.c[k];
-      const T* src = static_cast<const T*>(c.x) + t * c.x_stride;
-      float ss = 0.f;
-      for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V) {  // vec: checked by the launcher
-        const Vec<T> v = load_vec(src + i);
-#pragma unroll
-        for (int e = 0; e < V; ++e) { const float f = to_float(v.v[e]); ss += f * f; }
-      }
-      ss = warp_sum(ss);
-      if (lane == 0) warp_sums[k][warp] = ss;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float all = 0.f;
-      for (int k = 0; k < num_chunks; ++k) {
-        float s = 0.f;
-        for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += warp_sums[k][w];
-        all += s;
-        if (mode == static_cast<int>(NormMode::kChunk))
-          scales[t * num_chunks + k] = rsqrtf(s / static_cast<float>(tab.c[k].width) + eps);
-      }
-      if (mode == static_cast<int>(NormMode::kShared)) {
-        const float r = rsqrtf(all / static_cast<float>(total) + eps);
-        for (int k = 0; k < num_chunks; ++k) scales[t * num_chunks + k] = r;
-      }
-    }
-    __syncthreads();
-  }
-}
-
 // The sum of squares of 8 values of x (one 16-byte load).
 template <typename T>
 __device__ __forceinline__ float sum_squares8(const uint4 raw) {
@@ -329,23 +289,6 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
 }
 
 }  // namespace
-
-at::Tensor fc_row_scales(const ChunkTable& tab, const ChunkRows& c, float eps, NormMode mode, const at::Tensor& like,
-                         cudaStream_t stream) {
-  if (mode == NormMode::kNone) return {};
-  const int64_t rows = c.num_rows;
-  const int num_chunks = static_cast<int>(c.rows.size());
-  at::Tensor scales = at::empty({rows, num_chunks}, like.options().dtype(at::kFloat));
-  auto launch = [&](auto kernel) {
-    kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(tab, num_chunks, scales.data_ptr<float>(), rows,
-                                                             static_cast<int>(c.total_width), eps,
-                                                             static_cast<int>(mode));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (c.rows[0].scalar_type() == at::kBFloat16) launch(fc_row_scales_kernel<__nv_bfloat16>);
-  else launch(fc_row_scales_kernel<__half>);
-  return scales;
-}
 
 bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
   const int64_t T = c.num_rows, N = weight.size(0);

@@ -6,7 +6,7 @@
 //   out[t, n] = sum_k s[t, k] * (x_k[t, :] . W[n, off_k : off_k + H_k])   (W: folded weight)
 //
 // Two launches (one for norm "none"):
-//  1. fc_row_scales (fc_mma.cu): s[t, k] as fp32 [T, K].
+//  1. fc_row_scales_kernel: s[t, k] as fp32 [T, K].
 //  2. fc_wgmma_kernel: a block owns kBM = 128 tokens x BN features (BN = 128 or 256) and the
 //     whole k loop, in 64-wide k-tiles (128 bytes of bf16 / fp16: the swizzle span).
 //     - Warpgroup 0 produces: one thread issues, per k-tile, two TMA loads into a ring of
@@ -174,6 +174,46 @@ __device__ __forceinline__ uint32_t pack2(float v0, float v1) {
 }
 #endif
 
+// Per token: the scale of every chunk, written to scales[t * num_chunks + k].
+template <typename T>
+__global__ void __launch_bounds__(256)
+fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks, float* __restrict__ scales,
+                     const int64_t num_rows, const int total, const float eps, const int mode) {
+  constexpr int V = Vec<T>::N;
+  __shared__ float warp_sums[kMaxChunks][8];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t t = blockIdx.x; t < num_rows; t += gridDim.x) {
+    for (int k = 0; k < num_chunks; ++k) {
+      const ChunkDesc& c = tab.c[k];
+      const T* src = static_cast<const T*>(c.x) + t * c.x_stride;
+      float ss = 0.f;
+      for (int i = threadIdx.x * V; i < c.width; i += blockDim.x * V) {  // vec: checked by the launcher
+        const Vec<T> v = load_vec(src + i);
+#pragma unroll
+        for (int e = 0; e < V; ++e) { const float f = to_float(v.v[e]); ss += f * f; }
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) warp_sums[k][warp] = ss;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float all = 0.f;
+      for (int k = 0; k < num_chunks; ++k) {
+        float s = 0.f;
+        for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += warp_sums[k][w];
+        all += s;
+        if (mode == static_cast<int>(NormMode::kChunk))
+          scales[t * num_chunks + k] = rsqrtf(s / static_cast<float>(tab.c[k].width) + eps);
+      }
+      if (mode == static_cast<int>(NormMode::kShared)) {
+        const float r = rsqrtf(all / static_cast<float>(total) + eps);
+        for (int k = 0; k < num_chunks; ++k) scales[t * num_chunks + k] = r;
+      }
+    }
+    __syncthreads();
+  }
+}
+
 // __launch_bounds__(kThreads, 1) caps the registers at entry at 168 = 65536 / 384, which
 // setmaxnreg redistributes (producer 40, consumers 232: 128 x 40 + 256 x 232 = 384 x 168);
 // a different cap would leave setmaxnreg.inc waiting for registers that never free up.
@@ -324,6 +364,28 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
 }
 
 // ---- host side --------------------------------------------------------------------------------
+
+// The statistics pre-pass: per token, the scale of each chunk (norm "chunk":
+// rsqrt(mean(x_k^2) + eps); "shared": the row's one scale, repeated per chunk) as fp32
+// [T, K] on `like`'s device; undefined for norm "none". bf16 / fp16 chunks whose every
+// access is 16 bytes wide (the launcher checks), described by `tab`.
+at::Tensor fc_row_scales(const ChunkTable& tab, const ChunkRows& c, float eps, NormMode mode, const at::Tensor& like,
+                         cudaStream_t stream) {
+  if (mode == NormMode::kNone) return {};
+  const int64_t rows = c.num_rows;
+  const int num_chunks = static_cast<int>(c.rows.size());
+  at::Tensor scales = at::empty({rows, num_chunks}, like.options().dtype(at::kFloat));
+  auto launch = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(tab, num_chunks, scales.data_ptr<float>(), rows,
+                                                             static_cast<int>(c.total_width), eps,
+                                                             static_cast<int>(mode));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (c.rows[0].scalar_type() == at::kBFloat16) launch(fc_row_scales_kernel<__nv_bfloat16>);
+  else launch(fc_row_scales_kernel<__half>);
+  return scales;
+}
+
 
 // Smallest T served (0: off, the default). On the H100 (K=3, bf16, N=H;
 // bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json) BN=256 beat rms_norm_cat + cuBLAS only at H=4096 for T=2048 (338 against 366 us) and
