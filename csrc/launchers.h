@@ -52,9 +52,13 @@ int64_t fc_decode_max_tokens(int64_t value);
 // it; bf16 / fp16; one launch: mma.sync over the streamed weight, the chunk statistics taken
 // beside it and applied to the partial products); false where it does not apply.
 bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
-// Largest T served by launch_fc_mma (0 disables it, the default); sets it and returns the
+// Largest T served by launch_fc_mma (0 disables it; default 8); sets it and returns the
 // previous value, -1 only queries.
 int64_t fc_mma_max_tokens(int64_t value);
+// The most waves of blocks launch_fc_mma may launch (0: no bound; default 1: every block
+// resident at once), else the call goes to the pair; sets it and returns the previous value,
+// -1 only queries.
+int64_t fc_mma_max_waves(int64_t value);
 // The Hopper tensor-core fc for T >= fc_wgmma_min_tokens (bf16 / fp16, sm_90a build on a
 // compute capability 9.x device; TMA + wgmma, two launches: per-token chunk scales, then
 // the GEMM with the scales applied to its accumulators); false where it does not apply.
@@ -78,10 +82,12 @@ int64_t set_norm_stage_limit(int64_t bytes);
 // returns the previous value, -1 only queries.
 int64_t set_norm_registers(int64_t on);
 // Largest T (rows) for which the staged norm kernels copy the norm weights into shared
-// memory with the row (0: never); sets it and returns the previous value, -1 only queries.
+// memory with the row (0: never; default 64); sets it and returns the previous value, -1
+// only queries.
 int64_t set_norm_stage_weights(int64_t rows);
-// Vectors per thread the norm kernels size their blocks for (1..8; default 4); sets it and
-// returns the previous value, -1 only queries.
+// Vectors per thread the norm kernels size their blocks for (1..8; 0, the default: 1 for
+// launches of up to 64 rows, else 2); sets it and returns the previous value, -1 only
+// queries.
 int64_t set_norm_vecs_per_thread(int64_t v);
 // rms_norm_cat with one block per (row, chunk) for per-chunk norms (1) or one per row (0);
 // sets it and returns the previous value, -1 only queries.

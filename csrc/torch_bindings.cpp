@@ -43,10 +43,16 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_decode_max_tokens", value, value >= 0 && value <= 8, " or 0..8",
                            EAGLE3_CUDA_SETTER(fc_decode_max_tokens));
   });
-  // Largest T served by the tensor-core fc kernel (0, the default, disables it).
+  // Largest T served by the tensor-core fc kernel (default 8; 0 disables it).
   m.def("_fc_mma_max_tokens(int value=-1) -> int", [](int64_t value) {
     return strategy_switch("_fc_mma_max_tokens", value, value >= 0 && value <= 64, " or 0..64",
                            EAGLE3_CUDA_SETTER(fc_mma_max_tokens));
+  });
+  // The most waves of blocks that kernel may take (default 1: all resident at once; 0: no
+  // bound); a call that needs more goes to the pair.
+  m.def("_fc_mma_max_waves(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_mma_max_waves", value, value >= 0, " or a wave count >= 0",
+                           EAGLE3_CUDA_SETTER(fc_mma_max_waves));
   });
   // Smallest T served by the fc's Hopper tensor-core kernel (TMA + wgmma; 0, the default,
   // disables it).
@@ -87,16 +93,16 @@ TORCH_LIBRARY(eagle3, m) {
                            EAGLE3_CUDA_SETTER(set_norm_registers));
   });
   // Largest T for which the staged CUDA norm kernels copy the norm weights into shared
-  // memory with the row (0, the default: weights are read after the reduction).
+  // memory with the row (default 64; 0: weights are read after the reduction).
   m.def("_norm_stage_weights(int value=-1) -> int", [](int64_t value) {
     return strategy_switch("_norm_stage_weights", value, value >= 0, " or a row count >= 0",
                            EAGLE3_CUDA_SETTER(set_norm_stage_weights));
   });
-  // Vectors per thread the CUDA norm kernels size their blocks for (4, the default: a row of
-  // 4096 bf16 gets 128 threads).
+  // Vectors per thread the CUDA norm kernels size their blocks for (4: a row of 4096 bf16
+  // gets 128 threads; 0, the default: 1 for launches of up to 64 rows, else 2).
   m.def("_norm_vecs_per_thread(int value=-1) -> int", [](int64_t value) {
-    return strategy_switch("_norm_vecs_per_thread", value, value >= 1 && value <= 8, " or 1..8",
-                           EAGLE3_CUDA_SETTER(set_norm_vecs_per_thread), 4);
+    return strategy_switch("_norm_vecs_per_thread", value, value >= 0 && value <= 8, ", 0 (by rows) or 1..8",
+                           EAGLE3_CUDA_SETTER(set_norm_vecs_per_thread));
   });
   // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk (1),
   // or one block per row (0, the default).

@@ -55,9 +55,13 @@ StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device) {
 }
 
 // Largest number of rows for which the staged norm kernels stage the norm weights with the
-// row (0: never). Off until measured (python -m bench.tune, "staged+w" at small T).
+// row (0: never): 64. On the H100 (graph replay, bf16; bench/results/
+// nvidia-h100-80gb-hbm3-ed5c01eeed8c-tune.json) staging them cut every launch of 1, 8 and
+// 64 rows measured, e.g. fused_add_rms_norm H=4096 T=1 3.2 -> 2.7 us, rms_norm_cat K=3
+// H=4096 T=64 8.3 -> 6.5 us (4 vectors per thread), and 2.4 / 5.4 us with 1 vector per
+// thread (kSmallLaunchRows). Larger launches were not measured with it.
 namespace {
-std::atomic<int64_t> g_norm_stage_weights{0};
+std::atomic<int64_t> g_norm_stage_weights{kSmallLaunchRows};
 }  // namespace
 
 int64_t stage_weights_bytes(const StagePlan& plan, int64_t rows, int64_t weight_bytes, int device) {
@@ -72,12 +76,16 @@ int64_t set_norm_stage_weights(int64_t rows) {
 
 namespace {
 std::atomic<bool> g_norm_registers{false};
-// Vectors per thread of the norm kernels' blocks (threads_for, reg_threads): 4, the
-// setting of every measured run.
-std::atomic<int> g_norm_vecs_per_thread{kVecsPerThread};
+// Vectors per thread of the norm kernels' blocks (threads_for, reg_threads); 0: by rows
+// (norm_vecs_per_thread).
+std::atomic<int> g_norm_vecs_per_thread{0};
 }  // namespace
 
-int norm_vecs_per_thread() { return g_norm_vecs_per_thread.load(std::memory_order_relaxed); }
+int norm_vecs_per_thread(int64_t rows) {
+  const int v = g_norm_vecs_per_thread.load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  return rows <= kSmallLaunchRows ? 1 : 2;
+}
 
 int64_t set_norm_vecs_per_thread(int64_t v) {
   if (v < 0) return g_norm_vecs_per_thread.load();

@@ -206,16 +206,25 @@ constexpr int kRegMaxChunks = 4;
 // (the 4-chunk instance spilled on sm_90a): that instance is bounded at 256 threads.
 constexpr int reg_max_threads(int num_chunks) { return num_chunks >= 4 ? 256 : kRegMaxThreads; }
 bool norm_registers();
-// Vectors per thread the norm kernels size their blocks for (set_norm_vecs_per_thread,
-// default kVecsPerThread).
-int norm_vecs_per_thread();
-inline int reg_threads(int64_t max_vecs, int num_chunks, bool all_vec) {
+// Launches of at most this many rows are "small" (latency-bound: fewer blocks than SMs or
+// about as many): the default norm launch stages their weights and gives each thread one
+// vector (norm_vecs_per_thread, the stage-weights switch's default).
+constexpr int64_t kSmallLaunchRows = 64;
+// Vectors per thread the norm kernels size a launch of `rows` rows for: the value of
+// set_norm_vecs_per_thread, or by default (0) 1 for small launches and 2 for larger ones.
+// On the H100 (graph replay, bf16, ed5c01eeed8c-tune.json) 2 beat the earlier 4 at
+// T=16384 in every case measured (rms_norm_cat K=3 H=4096 312.9 -> 276.5 us, 85.2 -> 96.5% of
+// the copy bandwidth; H=8192 86.2 -> 98.1%; fused_add_rms_norm H=4096 96.1 -> 97.0%), and 1
+// with the weights staged was the fastest block size measured at T = 1, 8, 64 (e.g.
+// fused_add_rms_norm H=4096 T=1: 3.2 us at 4, 2.7 at 2, 2.4 at 1 with weights staged).
+int norm_vecs_per_thread(int64_t rows);
+inline int reg_threads(int64_t max_vecs, int num_chunks, bool all_vec, int64_t rows) {
   if (!norm_registers() || !all_vec || num_chunks > kRegMaxChunks ||
       max_vecs > int64_t{kRegVecs} * reg_max_threads(num_chunks))
     return 0;
-  // norm_vecs_per_thread() vectors per thread where the block stays within the bound, else
-  // the kRegVecs each thread can hold.
-  const int v = std::min(norm_vecs_per_thread(), kRegVecs);
+  // norm_vecs_per_thread(rows) vectors per thread where the block stays within the bound,
+  // else the kRegVecs each thread can hold.
+  const int v = std::min(norm_vecs_per_thread(rows), kRegVecs);
   int t = round_up(static_cast<int>((max_vecs + v - 1) / v), 32);
   if (t > reg_max_threads(num_chunks)) t = round_up(static_cast<int>((max_vecs + kRegVecs - 1) / kRegVecs), 32);
   return std::max(32, t);
@@ -230,16 +239,16 @@ inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
 // the rows in flight per SM are bounded by the stage size, not by the L1 / shared split.
 void configure_staging_kernel(const void* kernel, int device);
 
-// Threads for a row whose largest chunk has `max_vecs` vectors: about norm_vecs_per_thread()
-// vectors per thread (default kVecsPerThread; a multiple of 32 threads, at most 512). Small
-// blocks keep many rows in flight per multiprocessor: each block stages one row, so rows in
-// flight = blocks resident, and 512-thread blocks left a Hopper SM with 2-4 rows (about 40%
-// of the copy bandwidth on an H200, bench run of 6e31654). Fewer vectors per thread shorten
-// each thread's chain of loads and stores, which the latency-bound small-T rows may prefer
-// (bench.tune's "v1" / "v2" variants).
-constexpr int kVecsPerThread = 4;
-inline int threads_for(int64_t max_vecs) {
-  const int v = norm_vecs_per_thread();
+// Threads for a launch of `rows` rows whose largest chunk has `max_vecs` vectors: about
+// norm_vecs_per_thread(rows) vectors per thread (a multiple of 32 threads, at most 512).
+// Smaller blocks keep more rows in flight per multiprocessor (each block stages one row, and
+// 512-thread blocks left a Hopper SM with 2-4 rows: about 40% of the copy bandwidth on an
+// H200, bench run of 6e31654), but at 4 vectors per thread each thread's chain of loads and
+// stores held the kernels at 85-86% of the copy bandwidth on the H100 for K=3; 2 reached
+// 96-98% there. Small launches have few rows to overlap: 1 vector per thread spreads each
+// row over the most threads.
+inline int threads_for(int64_t max_vecs, int64_t rows) {
+  const int v = norm_vecs_per_thread(rows);
   const int64_t t = (max_vecs + v - 1) / v;
   return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, round_up(static_cast<int>(t), 32))));
 }

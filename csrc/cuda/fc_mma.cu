@@ -242,13 +242,19 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   }
 }
 
-// Largest T served by the tensor-core kernel (0: off; the op's setter takes 0..64). Off:
-// on the H100 the first version (scale pre-pass launch, scaled B operand) lost to
-// rms_norm_cat + cuBLAS at every T measured (graph replay, K=3, bf16, H=4096: T=2 48.9
-// against 43.8 us, T=8 51.8 / 44.5, T=16 68.4 / 45.1, T=64 158.8 / 47.6; H=7168 alike;
-// bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json). The one-launch version has
-// not been measured yet (bench.tune's "mma" rows).
-std::atomic<int64_t> g_mma_max_tokens{0};
+// Largest T served by the tensor-core kernel (0: off; the op's setter takes 0..64): 8. On
+// the H100 (graph replay, K=3, bf16, norm "chunk"; bench/results/
+// nvidia-h100-80gb-hbm3-ed5c01eeed8c-tune.json) this one-launch version beat rms_norm_cat +
+// cuBLAS at H=4096 for T=2 (39.8 against 44.3 us) and T=8 (41.7 / 44.9), and lost at T=16
+// (47.9 / 45.5) and T=64 (111.2 / 47.9). At H=7168 it lost at T=2, 8, 16 (141.2 / 119.4,
+// 148.5 / 121.6, 133.8 / 128.7): its 448 blocks of 16 features are more than the 396 an H100
+// holds at once (3 per SM at 80 registers), and the last 52 ran as a second wave; the 256 of
+// H=4096 fit one. Hence g_mma_max_waves. (The first version, with a scale pre-pass launch
+// and a scaled B operand, lost at every T: 80ab0d87a9d7-tune.json.)
+std::atomic<int64_t> g_mma_max_tokens{8};
+// The most waves of blocks a launch may take (blocks over the device's resident capacity for
+// the instance, rounded up; 0: no bound): 1, the case measured to win (above).
+std::atomic<int64_t> g_mma_max_waves{1};
 constexpr int64_t kMmaMaxTokens = 64;
 // Shared memory of one block at most (the default limit, no opt-in): K=3 with norm "chunk"
 // at T=64 takes 26 KB. Past the limit the call goes to the pair: with norm "chunk", more
@@ -275,17 +281,22 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.get_device());
   auto launch = [&](auto kernel) {
     const int features = 16 * mt;
-    const unsigned grid = static_cast<unsigned>((N + features - 1) / features);
-    kernel<<<grid, kWarps * 32, smem, stream>>>(tab, num_chunks, static_cast<const T*>(weight.data_ptr()), N,
-                                                static_cast<int>(c.total_width), static_cast<T*>(out.data_ptr()),
-                                                static_cast<int>(rows), eps, static_cast<int>(mode));
+    const int64_t grid = (N + features - 1) / features;
+    if (const int64_t waves = g_mma_max_waves.load(std::memory_order_relaxed); waves > 0) {
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+      if (grid > waves * per_sm * static_cast<int64_t>(sm_count(weight.get_device()))) return false;
+    }
+    kernel<<<static_cast<unsigned>(grid), kWarps * 32, smem, stream>>>(
+        tab, num_chunks, static_cast<const T*>(weight.data_ptr()), N, static_cast<int>(c.total_width),
+        static_cast<T*>(out.data_ptr()), static_cast<int>(rows), eps, static_cast<int>(mode));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
   };
-  if (nt == 1) launch(fc_mma_kernel<T, 1, 1, 4>);
-  else if (nt == 2) launch(fc_mma_kernel<T, 1, 2, 4>);
-  else if (nt == 4) launch(fc_mma_kernel<T, 2, 4, 2>);
-  else launch(fc_mma_kernel<T, 2, 8, 2>);
-  return true;
+  if (nt == 1) return launch(fc_mma_kernel<T, 1, 1, 4>);
+  if (nt == 2) return launch(fc_mma_kernel<T, 1, 2, 4>);
+  if (nt == 4) return launch(fc_mma_kernel<T, 2, 4, 2>);
+  return launch(fc_mma_kernel<T, 2, 8, 2>);
 }
 
 }  // namespace
@@ -305,6 +316,11 @@ bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, Norm
 int64_t fc_mma_max_tokens(int64_t value) {
   if (value < 0) return g_mma_max_tokens.load();
   return g_mma_max_tokens.exchange(value);
+}
+
+int64_t fc_mma_max_waves(int64_t value) {
+  if (value < 0) return g_mma_max_waves.load();
+  return g_mma_max_waves.exchange(value);
 }
 
 }  // namespace eagle3::cuda

@@ -176,7 +176,7 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
                      aligned16(sum.data_ptr()) && x2.stride(0) % V == 0 &&
                      r2.stride(0) % V == 0 && width % V == 0 && (wp == nullptr || aligned16(wp));
     const int64_t grid = std::min<int64_t>(rows, INT32_MAX);
-    if (const int rthreads = reg_threads(vec ? width / V : width, 1, vec); rthreads > 0) {
+    if (const int rthreads = reg_threads(vec ? width / V : width, 1, vec, rows); rthreads > 0) {
       fused_add_rms_norm_regs_kernel<scalar_t><<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(
           static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
           r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
@@ -185,7 +185,7 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
       set_norm_last_plan({"registers", false, false, rthreads});
       return;
     }
-    const int threads = threads_for(vec ? width / V : width);
+    const int threads = threads_for(vec ? width / V : width, rows);
     const int64_t width_pad = (width + V - 1) / V * V;
     StagePlan plan = plan_stage(32 * sizeof(float), 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t)), device);
     const int64_t w_size = w_kind == kWeightFp32 ? 4 : static_cast<int64_t>(sizeof(scalar_t));

@@ -12,10 +12,11 @@
 // With _norm_split_chunks(1), per-chunk ("chunk" / "none") rows give each chunk of each row
 // its own block (T x K blocks, each staging one chunk, the shape of the fused add's rows):
 // a candidate for the K=3 rows that stay under 90% of the copy bandwidth (see
-// bench/results/NOTES.md); off by default until measured. With _norm_stage_weights(n), a
-// staged launch of at most n rows copies the norm weights into shared memory with the row,
-// so they arrive in the row's one round trip instead of one dependent load per vector after
-// the reduction (the latency-bound small-T case); off by default until measured.
+// bench/results/NOTES.md); off by default (measured once, with the older block size: see
+// g_norm_split_chunks). With _norm_stage_weights(n) (default 64), a staged launch of at most
+// n rows copies the norm weights into shared memory with the row, so they arrive in the
+// row's one round trip instead of one dependent load per vector after the reduction (the
+// latency-bound small-T case; figures at g_norm_stage_weights).
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -27,8 +28,12 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 
-// One block per (row, chunk) for per-chunk norms (set_norm_split_chunks); off by default
-// until measured (python -m bench.tune, "staged-split").
+// One block per (row, chunk) for per-chunk norms (set_norm_split_chunks); off by default.
+// On the H100 (ed5c01eeed8c-tune.json, K=3 bf16, 4 vectors per thread) it was fastest at
+// T=64, H=4096 (4.2 us; the default's 1 vector per thread with staged weights 5.4) and at
+// T=16384, H=8192 (99.0% of the copy bandwidth; the default's 2 vectors per thread 98.1%),
+// but at T=16384, H=4096 88.3% against 96.5%; not measured at the default block sizes yet
+// (bench.tune's "staged-split" variants).
 std::atomic<bool> g_norm_split_chunks{false};
 
 // Scales V elements in fp32 by `scale` and the chunk's weight (from global memory, or from
@@ -265,7 +270,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     const int64_t grid = std::min<int64_t>(c.num_rows, INT32_MAX);
     bool all_vec = true;
     for (int k = 0; k < num_chunks; ++k) all_vec = all_vec && tab.c[k].vec;
-    if (const int rthreads = reg_threads(max_vecs, num_chunks, all_vec); rthreads > 0) {
+    if (const int rthreads = reg_threads(max_vecs, num_chunks, all_vec, c.num_rows); rthreads > 0) {
       // One instance per chunk count: the register arrays are sized by it (K=3, the aux
       // states, must not pay for a fourth chunk's registers).
       static_assert(kRegMaxChunks == 4, "one instance per chunk count up to kRegMaxChunks");
@@ -283,7 +288,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     }
     const bool split = g_norm_split_chunks.load(std::memory_order_relaxed) && mode != NormMode::kShared &&
                        num_chunks > 1;
-    const int threads = threads_for(max_vecs);
+    const int threads = threads_for(max_vecs, c.num_rows);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
     const int64_t stage_bytes = (split ? max_chunk_elems : stage_elems) * static_cast<int64_t>(sizeof(scalar_t));
     StagePlan plan = plan_stage(sums_bytes, stage_bytes, device);
