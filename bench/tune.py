@@ -1,19 +1,17 @@
 """Quick GPU comparison of the kernels' alternative strategies, in one process (~1-2 min).
 
-    python -m bench.tune [--out FILE.json]
+    python -m bench.tune [--out FILE.json] [--parts norm,fc,wgmma]
 
-For the norm kernels (T = 64 and 16384): the shared-memory stage (rows staged once with
-cp.async), no stage (rows read twice from global memory, the second read from L2;
-``torch.ops.eagle3._norm_stage_limit(0)``) and registers (each thread keeps its vectors
-of the row in registers; ``torch.ops.eagle3._norm_registers(1)``), and for rms_norm_cat the
-staged kernel with one block per (row, chunk) (``_norm_split_chunks(1)``); at T = 1, 8 and
-64, the staged kernel with the norm weights staged too (``_norm_stage_weights``); "v1" / "v2":
-blocks sized for 1 or 2 vectors per thread instead of 4 (``_norm_vecs_per_thread``). For the fc: the decode
-kernel (T <= 8), the mma.sync kernel (T >= 2) and rms_norm_cat + cuBLAS at T = 1, 2, 8, 16,
-64, selected with ``torch.ops.eagle3._fc_decode_max_tokens`` / ``_fc_mma_max_tokens``; on
-Hopper, the wgmma kernel (128 or 256 features per block; "c2": clusters of two blocks
-multicasting the weight tiles) against rms_norm_cat + cuBLAS over T = 128..16384 x
-H = 4096..8192 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster``).
+For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside blocks of 4
+vectors per thread ("v4", the first runs' size; ``_norm_vecs_per_thread``), 1 or 2 ("v1",
+"v2"), the register kernel (``_norm_registers(1)``), and for rms_norm_cat one block per
+(row, chunk) ("split", ``_norm_split_chunks(1)``), "+w" where the norm weights are staged
+with the row (``_norm_stage_weights``). For the fc (``--parts fc``, T = 1..16, H = 4096,
+5120, 7168): the defaults, the mma.sync kernel at any grid ("mma": ``_fc_mma_max_tokens``,
+``_fc_mma_max_waves(0)``) and rms_norm_cat + cuBLAS. On Hopper (``--parts wgmma``), the
+wgmma kernel (128 or 256 features per block; "c2": clusters of two blocks multicasting the
+weight tiles) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
+(``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster``).
 Each row names the path that served it (``_fc_last_path``; for the norm kernels the launch's
 plan, ``_norm_last_plan``: strategy, weights staged, threads per block), so a kernel that
 declined shows as such.
@@ -61,7 +59,12 @@ def _time_ours(case: C.Case, budget: timing.Budget, cache_bytes: int) -> tuple[f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--parts", default="norm,fc,wgmma",
+                   help="comma-separated: norm (the norm kernels), fc (T <= 16), wgmma (the Hopper grid, the longest)")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - {"norm", "fc", "wgmma"}:
+        p.error(f"--parts: unknown {sorted(parts - {'norm', 'fc', 'wgmma'})}; choose from norm, fc, wgmma")
     cache, _ = timing.cuda_l2_bytes()
     copy = timing.copy_gbps("cuda", 2 << 30)
     budget = timing.Budget(seconds=0.3, min_reps=10, max_reps=200, min_sample_s=1e-3)
@@ -82,7 +85,7 @@ def main() -> None:
               f"| {err:.2g} |")
 
     try:
-        _sweep(measure)
+        _sweep(measure, parts)
     finally:
         # the rows measured so far are written even when a kernel fails (the CUDA context
         # may be unusable by then, so nothing below touches the device)
@@ -92,38 +95,41 @@ def main() -> None:
                            "rows": rows}, f, indent=1)
 
 
-def _sweep(measure) -> None:
+def _sweep(measure, parts) -> None:
     """Each variant measured under its switches (kernel_switches restores them after)."""
     default_stage = OPS._norm_stage_limit(-1)
-    default_vecs = OPS._norm_vecs_per_thread(-1)
-    for op in ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm"):
-        for T, H in ((1, 4096), (8, 4096), (64, 4096), (1, 7168), (16384, 4096), (16384, 8192)):
+    default_w = OPS._norm_stage_weights(-1)
+    for op in ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm") if "norm" in parts else ():
+        for T, H in ((1, 4096), (8, 4096), (64, 4096), (1, 7168), (512, 4096), (4096, 4096), (16384, 4096),
+                     (16384, 8192)):
             case = C.make_case(op, T, H, torch.bfloat16, "cuda")
+            cat = op != "fused_add_rms_norm"
             # (name, stage limit, registers, one block per (row, chunk), weights staged up to
-            # T, vectors per thread)
-            variants = [("staged", default_stage, 0, 0, 0, default_vecs),
-                        ("staged v2", default_stage, 0, 0, 0, 2)]
-            if T <= 64:  # the latency-bound sizes: the weights staged with the row, short chains
-                variants += [("staged+w", default_stage, 0, 0, 1024, default_vecs),
-                             ("staged+w v1", default_stage, 0, 0, 1024, 1)]
-            if T in (64, 16384):
-                variants += [("two-pass", 0, 0, 0, 0, default_vecs), ("registers", default_stage, 1, 0, 0, default_vecs),
-                             ("registers v2", default_stage, 1, 0, 0, 2)]
-                if op != "fused_add_rms_norm":
-                    variants.append(("staged-split", default_stage, 0, 1, 0, default_vecs))
+            # T rows, vectors per thread; 0: by rows, the default)
+            variants = [("default", default_stage, 0, 0, default_w, 0),
+                        ("v4", default_stage, 0, 0, 0, 4)]  # the block size of the first runs
+            if T <= 64:  # latency-bound: 2 vectors per thread, the row split over K blocks
+                variants += [("+w v2", default_stage, 0, 0, default_w, 2), ("registers v1", default_stage, 1, 0, 0, 1)]
+                variants += [("split+w v1", default_stage, 0, 1, default_w, 1)] if cat else []
+            else:
+                variants += [("v1", default_stage, 0, 0, 0, 1)]
+                variants += [("split v2", default_stage, 0, 1, 0, 2)] if cat and T == 16384 else []
             for name, limit, regs, split, stage_w, vecs in variants:
                 with kernel_switches(norm_stage_limit=limit, norm_registers=regs, norm_split_chunks=split,
                                      norm_stage_weights=stage_w, norm_vecs_per_thread=vecs):
                     measure(case, name)
-    for H in (4096, 7168):
-        for T in (1, 2, 8, 16, 64):
+    for H in (4096, 5120, 7168) if "fc" in parts else ():
+        for T in (1, 2, 4, 8, 16):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
-            variants = [("decode", 8, 0)] if T <= 8 else []
-            variants += [("mma", 0, 64)] if T >= 2 else []
-            for name, decode, mma in variants + [("norm_cat+cuBLAS", 0, 0)]:
-                with kernel_switches(fc_decode_max_tokens=decode, fc_mma_max_tokens=mma):
+            # (name, decode max tokens, mma max tokens, mma max waves): the defaults, the
+            # mma kernel at any grid, and the pair
+            variants = [("default", OPS._fc_decode_max_tokens(-1), OPS._fc_mma_max_tokens(-1),
+                         OPS._fc_mma_max_waves(-1))]
+            variants += [("mma", 0, 64, 0)] if T >= 2 else []
+            for name, decode, mma, waves in variants + [("norm_cat+cuBLAS", 0, 0, 1)]:
+                with kernel_switches(fc_decode_max_tokens=decode, fc_mma_max_tokens=mma, fc_mma_max_waves=waves):
                     measure(case, name)
-    if torch.cuda.get_device_capability()[0] != 9:
+    if "wgmma" not in parts or torch.cuda.get_device_capability()[0] != 9:
         return
     # The grid a threshold needs (the first H100 run had the kernel ahead only at H=4096,
     # T >= 2048): BN=128 up to T=1024 (BN=256 leaves SMs idle there), BN=256 above.
