@@ -2,11 +2,12 @@
 
     python -m bench.tune [--out FILE.json] [--parts norm,fc,wgmma]
 
-For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside blocks of 4
-vectors per thread ("v4", the first runs' size; ``_norm_vecs_per_thread``), 1 or 2 ("v1",
-"v2"), the register kernel (``_norm_registers(1)``), and for rms_norm_cat one block per
-(row, chunk) ("split", ``_norm_split_chunks(1)``), "+w" where the norm weights are staged
-with the row (``_norm_stage_weights``). For the fc (``--parts fc``, T = 1..16, H = 4096,
+For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside one block per
+row ("row", ``_norm_split_chunks(0)``; for rms_norm_cat "split": one block per (row,
+chunk), ``_norm_split_chunks(1)``) with blocks of 4 vectors per thread ("v4", the first
+runs' size), 1 or 2 ("v1", "v2"; ``_norm_vecs_per_thread``), "+w" where the norm weights are
+staged with the row (``_norm_stage_weights``), and the register kernel
+(``_norm_registers(1)``). For the fc (``--parts fc``, T = 1..16, H = 4096,
 5120, 7168): the defaults, the mma.sync kernel at any grid ("mma": ``_fc_mma_max_tokens``,
 ``_fc_mma_max_waves(0)``) and rms_norm_cat + cuBLAS. On Hopper (``--parts wgmma``), the
 wgmma kernel (128 or 256 features per block; "c2": clusters of two blocks multicasting the
@@ -99,21 +100,24 @@ def _sweep(measure, parts) -> None:
     """Each variant measured under its switches (kernel_switches restores them after)."""
     default_stage = OPS._norm_stage_limit(-1)
     default_w = OPS._norm_stage_weights(-1)
+    default_split = OPS._norm_split_chunks(-1)
     for op in ("rms_norm_cat", "midlayer_cat", "fused_add_rms_norm") if "norm" in parts else ():
         for T, H in ((1, 4096), (8, 4096), (64, 4096), (1, 7168), (512, 4096), (4096, 4096), (16384, 4096),
-                     (16384, 8192)):
+                     (16384, 7168), (16384, 8192)):
             case = C.make_case(op, T, H, torch.bfloat16, "cuda")
             cat = op != "fused_add_rms_norm"
-            # (name, stage limit, registers, one block per (row, chunk), weights staged up to
-            # T rows, vectors per thread; 0: by rows, the default)
-            variants = [("default", default_stage, 0, 0, default_w, 0),
-                        ("v4", default_stage, 0, 0, 0, 4)]  # the block size of the first runs
-            if T <= 64:  # latency-bound: 2 vectors per thread, the row split over K blocks
-                variants += [("+w v2", default_stage, 0, 0, default_w, 2), ("registers v1", default_stage, 1, 0, 0, 1)]
-                variants += [("split+w v1", default_stage, 0, 1, default_w, 1)] if cat else []
+            # (name, stage limit, registers, split rows (0 never, 1 always, 2 by rows), weights
+            # staged up to T rows, vectors per thread (0: by rows)); "row": one block per row
+            variants = [("default", default_stage, 0, default_split, default_w, 0),
+                        ("row v4", default_stage, 0, 0, 0, 4)]  # the first runs' setting
+            if T <= 64:  # latency-bound
+                variants += [("row+w v1", default_stage, 0, 0, default_w, 1), ("row+w v2", default_stage, 0, 0, default_w, 2),
+                             ("registers v1", default_stage, 1, 0, 0, 1)]
+                variants += [("split+w v2", default_stage, 0, 1, default_w, 2)] if cat else []
             else:
-                variants += [("v1", default_stage, 0, 0, 0, 1)]
-                variants += [("split v2", default_stage, 0, 1, 0, 2)] if cat and T == 16384 else []
+                variants += [("row v1", default_stage, 0, 0, 0, 1)]
+                variants += [("split v2", default_stage, 0, 1, 0, 2), ("split v4", default_stage, 0, 1, 0, 4)] \
+                    if cat and T == 16384 else []
             for name, limit, regs, split, stage_w, vecs in variants:
                 with kernel_switches(norm_stage_limit=limit, norm_registers=regs, norm_split_chunks=split,
                                      norm_stage_weights=stage_w, norm_vecs_per_thread=vecs):

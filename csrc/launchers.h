@@ -89,9 +89,10 @@ int64_t set_norm_stage_weights(int64_t rows);
 // launches of up to 64 rows, else 2); sets it and returns the previous value, -1 only
 // queries.
 int64_t set_norm_vecs_per_thread(int64_t v);
-// rms_norm_cat with one block per (row, chunk) for per-chunk norms (1) or one per row (0);
-// sets it and returns the previous value, -1 only queries.
-int64_t set_norm_split_chunks(int64_t on);
+// rms_norm_cat with one block per (row, chunk) for per-chunk norms: 0 never (one block per
+// row), 1 always, 2 (the default) in launches of up to 64 rows; sets it and returns the
+// previous value, -1 only queries.
+int64_t set_norm_split_chunks(int64_t mode);
 }  // namespace cuda
 #endif
 

@@ -104,10 +104,10 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_norm_vecs_per_thread", value, value >= 0 && value <= 8, ", 0 (by rows) or 1..8",
                            EAGLE3_CUDA_SETTER(set_norm_vecs_per_thread));
   });
-  // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk (1),
-  // or one block per row (0, the default).
+  // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk: 0 never
+  // (one block per row), 1 always, 2 (the default) in launches of up to 64 rows.
   m.def("_norm_split_chunks(int value=-1) -> int", [](int64_t value) {
-    return strategy_switch("_norm_split_chunks", value, value == 0 || value == 1, ", 0 or 1",
+    return strategy_switch("_norm_split_chunks", value, value >= 0 && value <= 2, ", 0, 1 or 2 (up to 64 rows)",
                            EAGLE3_CUDA_SETTER(set_norm_split_chunks));
   });
   // "cuda" when this build holds the CUDA kernels, else "cpu" (eagle3_ops.has_cuda_kernels()).

@@ -711,13 +711,13 @@ def test_rms_norm_cat_staged_weights(device, seed, staged_weights, dtype, widths
 
 def test_rms_norm_cat_staged_weights_row_bound(device, seed):
     """The switch is a bound on the launch's rows: at 8 the 7-row and the 9-row launches (one
-    stages the weights, one does not) both match the reference (4 vectors per thread: 32
-    threads for 1024 bf16 columns)."""
+    stages the weights, one does not) both match the reference (one block per row, 4
+    vectors per thread: 32 threads for 1024 bf16 columns)."""
     rng = Rng(seed, device)
     for T in (7, 9):
         xs, bases = make_chunks(rng, "split", T, [1024, 1024, 1024], torch.bfloat16)
         weights = make_weights(rng, "mixed", [1024] * 3, torch.bfloat16)
-        with kernel_switches(norm_stage_weights=8, norm_vecs_per_thread=4):
+        with kernel_switches(norm_stage_weights=8, norm_vecs_per_thread=4, norm_split_chunks=0):
             check_rms_norm_cat(device, xs, bases, weights, EPS, False, (T,))
         plan = torch.ops.eagle3._norm_last_plan()
         if torch.device(device).type == "cuda":
@@ -744,8 +744,10 @@ def test_fused_add_rms_norm_staged_weights(device, seed, staged_weights, dtype, 
 # ---- the norm kernels' block size (vectors per thread) ---------------------------------------
 
 
-NORM_STRATEGIES = {"staged": {}, "two-pass": {"norm_stage_limit": 0}, "registers": {"norm_registers": 1},
-                   "staged+w": {"norm_stage_weights": 1024}}
+# (one block per row: the 37-row launches below would split their rows by default)
+NORM_STRATEGIES = {"staged": {"norm_stage_weights": 0, "norm_split_chunks": 0},
+                   "two-pass": {"norm_stage_limit": 0, "norm_stage_weights": 0, "norm_split_chunks": 0},
+                   "registers": {"norm_registers": 1}, "staged+w": {"norm_stage_weights": 1024, "norm_split_chunks": 0}}
 # Threads per block for a 3 x 4096 row by (element size, vectors per thread): 512 (2-byte) or
 # 1024 (fp32) vectors per chunk over v per thread, 32..512 threads; the register kernel holds
 # at most 4 per thread and falls back to 4 where v would pass 512 threads.
@@ -787,8 +789,8 @@ def test_fused_add_rms_norm_vecs_per_thread(device, seed, dtype, H, strategy, ve
 
 
 def test_strategy_switches_validate_their_argument():
-    with pytest.raises(ValueError, match="_norm_split_chunks: value must be -1 \\(query\\), 0 or 1, got 2"):
-        torch.ops.eagle3._norm_split_chunks(2)
+    with pytest.raises(ValueError, match="_norm_split_chunks: value must be -1 \\(query\\), 0, 1 or 2 \\(up to 64 rows\\), got 3"):
+        torch.ops.eagle3._norm_split_chunks(3)
     with pytest.raises(ValueError, match="_norm_registers: value must be -1 \\(query\\), 0 or 1, got 2"):
         torch.ops.eagle3._norm_registers(2)
     with pytest.raises(ValueError, match="_norm_stage_limit: value must be -1"):
@@ -984,7 +986,7 @@ def test_kernel_switches_restore_and_check_names():
 SWITCH_ERRORS = {
     "norm_stage_limit": (-2, "_norm_stage_limit: value must be -1 (query) or a byte count >= 0, got -2"),
     "norm_registers": (2, "_norm_registers: value must be -1 (query), 0 or 1, got 2"),
-    "norm_split_chunks": (-3, "_norm_split_chunks: value must be -1 (query), 0 or 1, got -3"),
+    "norm_split_chunks": (-3, "_norm_split_chunks: value must be -1 (query), 0, 1 or 2 (up to 64 rows), got -3"),
     "norm_stage_weights": (-2, "_norm_stage_weights: value must be -1 (query) or a row count >= 0, got -2"),
     "norm_vecs_per_thread": (9, "_norm_vecs_per_thread: value must be -1 (query), 0 (by rows) or 1..8, got 9"),
     "fc_decode_max_tokens": (9, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got 9"),
@@ -1020,26 +1022,27 @@ def test_fc_wgmma_switches_validate_their_argument():
 def test_norm_last_plan_names_the_launch(device, seed):
     """_norm_last_plan follows the norm calls: "none" for no rows, "cpu" on the CPU, and on
     CUDA the default strategy with its block size: launches of up to 64 rows take 1 vector
-    per thread (3 x 4096 bf16 rows: 512 threads) and stage their weights, larger ones 2
-    (256 threads) and read the weights from global memory."""
+    per thread (a 4096 bf16 row or chunk: 512 threads), stage their weights and (rms_norm_cat
+    with per-chunk statistics) give each chunk its own block; larger ones take 2 (256
+    threads), one block per row, and read the weights from global memory."""
     rng = Rng(seed, device)
     cuda = torch.device(device).type == "cuda"
-    for T, plan, plan_w in [(3, "staged 512", "staged+w 512"), (64, "staged 512", "staged+w 512"),
-                            (65, "staged 256", "staged 256")]:
+    for T, small in [(3, True), (64, True), (65, False)]:
+        plan, plan_w = ("staged 512", "staged+w 512") if small else ("staged 256", "staged 256")
+        split = "staged+split 512" if small else plan
+        split_w = "staged+split+w 512" if small else plan
         xs = [rng.randn((T, 4096), torch.bfloat16) for _ in range(3)]
         ws = [rng.norm_weight(4096, torch.bfloat16) for _ in range(3)]
-        eagle3_ops.rms_norm_cat(xs)
-        assert torch.ops.eagle3._norm_last_plan() == (plan if cuda else "cpu"), T
-        eagle3_ops.rms_norm_cat(xs, ws)
-        assert torch.ops.eagle3._norm_last_plan() == (plan_w if cuda else "cpu"), T
-        eagle3_ops.rms_norm_cat([x[:0] for x in xs])
-        assert torch.ops.eagle3._norm_last_plan() == "none"
-        eagle3_ops.fused_add_rms_norm(xs[0], xs[1], None, EPS)
-        assert torch.ops.eagle3._norm_last_plan() == (plan if cuda else "cpu"), T
-        eagle3_ops.fused_add_rms_norm(xs[0], xs[1], ws[0], EPS)
-        assert torch.ops.eagle3._norm_last_plan() == (plan_w if cuda else "cpu"), T
-        eagle3_ops.fused_add_rms_norm(xs[0][:0], xs[1][:0], None, EPS)
-        assert torch.ops.eagle3._norm_last_plan() == "none"
+        for call, expected in [(lambda: eagle3_ops.rms_norm_cat(xs), split),
+                               (lambda: eagle3_ops.rms_norm_cat(xs, ws), split_w),
+                               (lambda: eagle3_ops.rms_norm_cat(xs, shared_stats=True), plan),
+                               (lambda: eagle3_ops.rms_norm_cat(xs, ws, shared_stats=True), plan_w),
+                               (lambda: eagle3_ops.rms_norm_cat([x[:0] for x in xs]), "none"),
+                               (lambda: eagle3_ops.fused_add_rms_norm(xs[0], xs[1], None, EPS), plan),
+                               (lambda: eagle3_ops.fused_add_rms_norm(xs[0], xs[1], ws[0], EPS), plan_w),
+                               (lambda: eagle3_ops.fused_add_rms_norm(xs[0][:0], xs[1][:0], None, EPS), "none")]:
+            call()
+            assert torch.ops.eagle3._norm_last_plan() == (expected if cuda or expected == "none" else "cpu"), T
 
 
 def test_fc_last_path_names_the_path(device, seed):

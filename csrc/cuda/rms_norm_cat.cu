@@ -9,14 +9,13 @@
 // row reuses the stage. Rows wider than the stage limit (or all rows, with
 // _norm_stage_limit(0)) are read twice from global memory instead (the second read hits L2).
 // A third strategy keeps the row in registers (rms_norm_cat_regs_kernel, _norm_registers(1)).
-// With _norm_split_chunks(1), per-chunk ("chunk" / "none") rows give each chunk of each row
-// its own block (T x K blocks, each staging one chunk, the shape of the fused add's rows):
-// a candidate for the K=3 rows that stay under 90% of the copy bandwidth (see
-// bench/results/NOTES.md); off by default (measured once, with the older block size: see
-// g_norm_split_chunks). With _norm_stage_weights(n) (default 64), a staged launch of at most
-// n rows copies the norm weights into shared memory with the row, so they arrive in the
-// row's one round trip instead of one dependent load per vector after the reduction (the
-// latency-bound small-T case; figures at g_norm_stage_weights).
+// Split rows (_norm_split_chunks; by default in launches of up to 64 rows): per-chunk
+// ("chunk" / "none") rows give each chunk of each row its own block (T x K blocks, each
+// staging one chunk, the shape of the fused add's rows; figures at g_norm_split_chunks).
+// With _norm_stage_weights(n) (default 64), a staged launch of at most n rows copies the
+// norm weights into shared memory with the row, so they arrive in the row's one round trip
+// instead of one dependent load per vector after the reduction (the latency-bound small-T
+// case; figures at g_norm_stage_weights).
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -28,13 +27,15 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 
-// One block per (row, chunk) for per-chunk norms (set_norm_split_chunks); off by default.
-// On the H100 (ed5c01eeed8c-tune.json, K=3 bf16, 4 vectors per thread) it was fastest at
-// T=64, H=4096 (4.2 us; the default's 1 vector per thread with staged weights 5.4) and at
-// T=16384, H=8192 (99.0% of the copy bandwidth; the default's 2 vectors per thread 98.1%),
-// but at T=16384, H=4096 88.3% against 96.5%; not measured at the default block sizes yet
-// (bench.tune's "staged-split" variants).
-std::atomic<bool> g_norm_split_chunks{false};
+// One block per (row, chunk) for per-chunk norms (set_norm_split_chunks): 0 never, 1 always,
+// 2 (the default) for launches of up to kSmallLaunchRows rows. On the H100 (graph replay,
+// K=3 bf16; bench/results/nvidia-h100-80gb-hbm3-db66db7-tune.json) it nearly halved the
+// small launches, with the weights staged and 1 vector per thread: rms_norm_cat H=4096 T=1
+// 2.9 us against 5.0 for one block per row, T=8 3.0 / 5.1, T=64 3.9 / 5.4, H=7168 T=1 3.2 /
+// 5.7; midlayer_cat (K=2) H=4096 T=1 2.8 / 3.8. At T=16384 (2 vectors per thread) it was
+// within 2% either way (H=4096 273.3 against 276.7 us, H=8192 552.2 / 543.1): not used there.
+constexpr int kSplitNever = 0, kSplitAlways = 1, kSplitSmall = 2;
+std::atomic<int> g_norm_split_chunks{kSplitSmall};
 
 // Scales V elements in fp32 by `scale` and the chunk's weight (from global memory, or from
 // the block's staged copy `w_stage` where that is not null), rounds once to T.
@@ -232,9 +233,9 @@ rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_c
 
 }  // namespace
 
-int64_t set_norm_split_chunks(int64_t on) {
-  if (on < 0) return g_norm_split_chunks.load() ? 1 : 0;
-  return g_norm_split_chunks.exchange(on != 0) ? 1 : 0;
+int64_t set_norm_split_chunks(int64_t mode) {
+  if (mode < 0) return g_norm_split_chunks.load();
+  return g_norm_split_chunks.exchange(static_cast<int>(mode));
 }
 
 void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
@@ -286,8 +287,9 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       set_norm_last_plan({"registers", false, false, rthreads});
       return;
     }
-    const bool split = g_norm_split_chunks.load(std::memory_order_relaxed) && mode != NormMode::kShared &&
-                       num_chunks > 1;
+    const int split_mode = g_norm_split_chunks.load(std::memory_order_relaxed);
+    const bool split = (split_mode == kSplitAlways || (split_mode == kSplitSmall && c.num_rows <= kSmallLaunchRows)) &&
+                       mode != NormMode::kShared && num_chunks > 1;
     const int threads = threads_for(max_vecs, c.num_rows);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
     const int64_t stage_bytes = (split ? max_chunk_elems : stage_elems) * static_cast<int64_t>(sizeof(scalar_t));
