@@ -249,8 +249,10 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
 // (47.9 / 45.5) and T=64 (111.2 / 47.9). At H=7168 it lost at T=2, 8, 16 (141.2 / 119.4,
 // 148.5 / 121.6, 133.8 / 128.7): its 448 blocks of 16 features are more than the 396 an H100
 // holds at once (3 per SM at 80 registers), and the last 52 ran as a second wave; the 256 of
-// H=4096 fit one. Hence g_mma_max_waves. (The first version, with a scale pre-pass launch
-// and a scaled B operand, lost at every T: 80ab0d87a9d7-tune.json.)
+// H=4096 fit one. Hence g_mma_max_waves. The next run (db66db7-tune.json) confirmed it at
+// H=5120 (320 blocks, one wave): T = 2 / 4 / 8 60.7 / 61.7 / 64.0 against 64.4 / 65.1 / 65.4
+// us for the pair, T=16 94.0 / 65.8. (The first version, with a scale pre-pass launch and a
+// scaled B operand, lost at every T: 80ab0d87a9d7-tune.json.)
 std::atomic<int64_t> g_mma_max_tokens{8};
 // The most waves of blocks a launch may take (blocks over the device's resident capacity for
 // the instance, rounded up; 0: no bound): 1, the case measured to win (above).

@@ -34,7 +34,7 @@ constexpr int kMaxThreads = 512;
 // 2.9 us against 5.0 for one block per row, T=8 3.0 / 5.1, T=64 3.9 / 5.4, H=7168 T=1 3.2 /
 // 5.7; midlayer_cat (K=2) H=4096 T=1 2.8 / 3.8. At T=16384 (2 vectors per thread) it was
 // within 2% either way (H=4096 273.3 against 276.7 us, H=8192 552.2 / 543.1): not used there.
-constexpr int kSplitNever = 0, kSplitAlways = 1, kSplitSmall = 2;
+constexpr int kSplitAlways = 1, kSplitSmall = 2;  // (0: never)
 std::atomic<int> g_norm_split_chunks{kSplitSmall};
 
 // Scales V elements in fp32 by `scale` and the chunk's weight (from global memory, or from
