@@ -53,8 +53,9 @@ def cases():
     out.append(("rms_norm_cat_linear chunk T=16384 H=7168",
                 lambda: eagle3_ops.rms_norm_cat_linear(xs, w, EPS, "chunk")))
     out.append(("F.linear alone T=16384 H=7168", lambda: F.linear(xn, w)))
-    # Decode sizes: the mma.sync kernel (off by default; its first version, with a scale
-    # pre-pass launch, reached 65% of the copy bandwidth at T=8 on the H100) beside the pair.
+    # Decode sizes: the mma.sync kernel (the default at T = 2..8 in one wave; its first
+    # version, with a scale pre-pass launch, reached 65% of the copy bandwidth at T=8 on the
+    # H100) beside the pair.
     H = 4096
     xs8 = list(torch.randn(8, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
     w8 = torch.randn(H, 3 * H, device=dev, dtype=bf, generator=g) / (3 * H) ** 0.5

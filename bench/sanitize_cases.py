@@ -80,7 +80,7 @@ def run(one: bool) -> int:
         (dict(norm_split_chunks=1), (False, True)),
         (dict(norm_stage_weights=64, norm_vecs_per_thread=1), (False, True)),
         (dict(norm_split_chunks=1, norm_stage_weights=64, norm_vecs_per_thread=2), (True,)),
-        # last: not yet run on a GPU, and a trap would end the process
+        # last: the newest kernel, and a trap would end the process
         (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_cluster=2), (True,)),
     )
     for switches, layouts in passes:

@@ -35,6 +35,7 @@ from bench import cases as C
 from bench import timing
 
 OPS = torch.ops.eagle3
+PARTS = ("norm", "fc", "wgmma")  # --parts
 
 
 # The float64 reference of the last case (its variants are measured one after another on
@@ -60,12 +61,12 @@ def _time_ours(case: C.Case, budget: timing.Budget, cache_bytes: int) -> tuple[f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the rows as JSON here")
-    p.add_argument("--parts", default="norm,fc,wgmma",
+    p.add_argument("--parts", default=",".join(PARTS),
                    help="comma-separated: norm (the norm kernels), fc (T <= 16), wgmma (the Hopper grid, the longest)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"norm", "fc", "wgmma"}:
-        p.error(f"--parts: unknown {sorted(parts - {'norm', 'fc', 'wgmma'})}; choose from norm, fc, wgmma")
+    if unknown := sorted(parts - set(PARTS)):
+        p.error(f"--parts: unknown {unknown}; choose from {', '.join(PARTS)}")
     cache, _ = timing.cuda_l2_bytes()
     copy = timing.copy_gbps("cuda", 2 << 30)
     budget = timing.Budget(seconds=0.3, min_reps=10, max_reps=200, min_sample_s=1e-3)

@@ -121,8 +121,8 @@ def test_graph_fused_add_rms_norm(seed, T, H, layout):
 
 @pytest.mark.parametrize("vecs", [4, 1])
 def test_graph_norms_staged_weights(seed, vecs):
-    """The norm weights staged with the row (_norm_stage_weights, off by default until
-    measured) under graph replay: inputs and weights refilled in place before each replay
+    """The norm weights staged with the row (_norm_stage_weights; by default for launches of
+    up to 64 rows) under graph replay: inputs and weights refilled in place before each replay
     are the ones every replay uses (each launch stages the weights anew)."""
     rng = Rng(seed, DEV)
     with kernel_switches(norm_stage_weights=64, norm_vecs_per_thread=vecs):
@@ -184,7 +184,7 @@ def replay_and_check_linear(rng, g, out, bases, xs, W, norm):
     pytest.param(4096, "fc_wgmma_min_tokens", "wgmma", 2, id="wgmma-T4096-c2"),
 ])
 def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, cluster, norm):
-    """The tensor-core fc kernels (off by default until measured) captured and replayed
+    """The tensor-core fc kernels (beyond their defaults: mma at T=24, wgmma) captured and replayed
     with fresh data: (wgmma) the statistics pre-pass, its workspace and the tensor maps
     built at capture must serve every replay; the wgmma kernel also in clusters of two
     (a cluster launch in a graph). The wgmma kernel only on Hopper."""

@@ -896,7 +896,7 @@ def wgmma_expected(device) -> bool:
 
 @pytest.fixture(params=[(128, 1), (256, 1), (128, 2), (256, 2)], ids=["bn128", "bn256", "bn128-c2", "bn256-c2"])
 def wgmma_from_1(request, device):
-    """Route every T through the fc's wgmma kernel (off by default until measured), with
+    """Route every T through the fc's wgmma kernel (off by default), with
     the decode and mma kernels off, the given features per block and blocks per cluster
     (2: the weight tiles multicast); restores them all. CUDA only: on the CPU these calls
     are the pair the other grids already cover."""

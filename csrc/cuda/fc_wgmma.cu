@@ -24,7 +24,7 @@
 //       "none": no scale and no pre-pass.
 //     - Tiles run in groups of kGroupM token tiles, token tile fastest, so the blocks that
 //       run together share their weight tiles in L2.
-//     - With _fc_wgmma_cluster(2) (off until measured), two blocks on consecutive token
+//     - With _fc_wgmma_cluster(2) (off by default), two blocks on consecutive token
 //       tiles form a cluster and each loads half of the weight tile, multicast to both.
 //
 // Numerics: the scale multiplies fp32 partial sums of the raw inputs (the identity of
@@ -390,13 +390,18 @@ at::Tensor fc_row_scales(const ChunkTable& tab, const ChunkRows& c, float eps, N
 // Smallest T served (0: off, the default). On the H100 (K=3, bf16, N=H;
 // bench/results/nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json) BN=256 beat rms_norm_cat + cuBLAS only at H=4096 for T=2048 (338 against 366 us) and
 // T=16384 (2630 / 2783); it lost at H=7168 (T=2048 1069 / 1002, T=16384 8256 / 7473) and at
-// T=128 (124 / 49, BN=128 77 / 49). Two points at one H set no threshold yet.
+// T=128 (124 / 49, BN=128 77 / 49). The wider grid of the next run (ed5c01eeed8c-tune.json,
+// T = 128..16384 x H = 4096..8192, clusters of two too) had the best variant 0.8-10% behind
+// the pair at every T >= 2048 (H=4096 T=2048 338.7 / 333.1, T=16384 2650 / 2627): no
+// threshold.
 std::atomic<int64_t> g_wgmma_min_tokens{0};
 // Features per block: 0 chooses (256 when that fills every multiprocessor, else 128).
 std::atomic<int64_t> g_wgmma_tile_n{0};
-// Blocks per cluster sharing (multicasting) their weight tiles: 1, or 2 (not yet run on a
-// GPU; the H100 run's kernel was CM = 1 at an estimated 7 TB/s of L2 -> SM traffic at
-// T=16384, H=7168: 48 KB per k-tile per block at 611 TFLOP/s).
+// Blocks per cluster sharing (multicasting) their weight tiles: 1 (the default), or 2 (the
+// first H100 run's kernel was CM = 1 at an estimated 7 TB/s of L2 -> SM traffic at T=16384,
+// H=7168: 48 KB per k-tile per block at 611 TFLOP/s). Measured in ed5c01eeed8c-tune.json:
+// 2 cut that case from 8143 to 7677 us (the pair: 7563); at T >= 2048 it was 0.94-1.06x
+// of 1's time, at T=128 1.04-1.30x.
 std::atomic<int64_t> g_wgmma_cluster{1};
 
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;

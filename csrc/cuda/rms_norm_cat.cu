@@ -292,8 +292,8 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
                        mode != NormMode::kShared && num_chunks > 1;
     const int threads = threads_for(max_vecs, c.num_rows);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
-    const int64_t stage_bytes = (split ? max_chunk_elems : stage_elems) * static_cast<int64_t>(sizeof(scalar_t));
-    StagePlan plan = plan_stage(sums_bytes, stage_bytes, device);
+    const int64_t staged_elems = split ? max_chunk_elems : stage_elems;  // one block's stage
+    StagePlan plan = plan_stage(sums_bytes, staged_elems * static_cast<int64_t>(sizeof(scalar_t)), device);
     // Weight slots (only if some chunk has weights its 16-byte accesses can stage): 4 bytes
     // per staged element where one of them is fp32, else the elements' own size.
     bool any_w = false;
@@ -304,7 +304,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       if (tab.c[k].w_kind == kWeightFp32) w_slot = 4;
     }
     const int64_t w_bytes =
-        any_w ? stage_weights_bytes(plan, c.num_rows, (split ? max_chunk_elems : stage_elems) * w_slot, device) : 0;
+        any_w ? stage_weights_bytes(plan, c.num_rows, staged_elems * w_slot, device) : 0;
     const int w_stage_off = w_bytes > 0 ? static_cast<int>(plan.smem) : 0;
     plan.smem += w_bytes;
     auto* kernel = plan.staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;

@@ -7,11 +7,11 @@
 //    squares; at the chunk's end it applies r_k = rsqrt(mean(x_k^2) + eps) to the fp32
 //    partial (the identity of DESIGN.md section 2, item 3). The normalised concatenation
 //    never exists in memory.
-//  * T <= fc_mma_max_tokens (off by default until measured): the tensor-core kernel of
-//    fc_mma.cu (one launch: mma.sync over the streamed weight, the chunk statistics taken
-//    beside it and applied to the partial products).
-//  * T >= fc_wgmma_min_tokens on Hopper (off by default until measured): the TMA + wgmma
-//    GEMM of fc_wgmma.cu, the chunk scales applied to its accumulators.
+//  * T <= fc_mma_max_tokens (default 8) when its blocks fit one wave (fc_mma_max_waves): the
+//    tensor-core kernel of fc_mma.cu (one launch: mma.sync over the streamed weight, the
+//    chunk statistics taken beside it and applied to the partial products).
+//  * T >= fc_wgmma_min_tokens on Hopper (off by default: behind the pair where measured):
+//    the TMA + wgmma GEMM of fc_wgmma.cu, the chunk scales applied to its accumulators.
 //  * otherwise: the rms_norm_cat kernel writes the normalised concatenation once and one
 //    cuBLAS GEMM (through ATen) applies the fc — the pair a tensor-core kernel must beat
 //    before it takes over at prefill sizes.
