@@ -10,7 +10,9 @@ between cudaProfilerStart / Stop inside an NVTX range named after it, so
   on the H100 (80ab0d8), where K=3 at H=7168 and the K=2 and K=1 rows reach 94-98%
   (occupancy, DRAM throughput, stall reasons); beside them the same rows with one block per
   (row, chunk), and as three separate tensors instead of views of one [T, 3H] tensor.
-* The fc's mma.sync kernel at T=8 beside the pair, and at T=64 (x re-read per block).
+* The fc's mma.sync kernel at T=8 beside the pair, and at T=64 (x re-read per block) with
+  16 and 32 features per block (64 at T=32).
+* On Hopper, the wgmma kernel beside F.linear at T=16384, H=4096.
 * The fc at T=16384, H=7168, norm "chunk": the op (rms_norm_cat + the cuBLAS GEMM) and
   F.linear alone on the normalised input. The pair took about 300 us more than the norm
   kernel and F.linear timed apart; the kernels' names and durations show where it goes.
@@ -53,24 +55,45 @@ def cases():
     out.append(("rms_norm_cat_linear chunk T=16384 H=7168",
                 lambda: eagle3_ops.rms_norm_cat_linear(xs, w, EPS, "chunk")))
     out.append(("F.linear alone T=16384 H=7168", lambda: F.linear(xn, w)))
+    # The wgmma kernel (off by default: 1-10% behind the pair at T >= 2048, about 8% behind
+    # F.linear's own GEMM at H=4096) beside F.linear at T=16384, H=4096: tensor-pipe
+    # utilisation, stall reasons and L2 traffic of both GEMMs.
+    if torch.cuda.get_device_capability()[0] == 9:
+        H = 4096
+        xs16 = list(torch.randn(16384, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
+        w16 = torch.randn(H, 3 * H, device=dev, dtype=bf, generator=g) / (3 * H) ** 0.5
+        xn16 = eagle3_ops.rms_norm_cat(xs16)
+
+        def wgmma():
+            with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=256):
+                return eagle3_ops.rms_norm_cat_linear(xs16, w16, EPS, "chunk")
+
+        out.append(("rms_norm_cat_linear chunk T=16384 H=4096 wgmma-256", wgmma))
+        out.append(("F.linear alone T=16384 H=4096", lambda: F.linear(xn16, w16)))
     # Decode sizes: the mma.sync kernel (the default at T = 2..8 in one wave; its first
     # version, with a scale pre-pass launch, reached 65% of the copy bandwidth at T=8 on the
-    # H100) beside the pair.
+    # H100) beside the pair, and at T=64 with 16, 32 and 64 features per block.
     H = 4096
     xs8 = list(torch.randn(8, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
     w8 = torch.randn(H, 3 * H, device=dev, dtype=bf, generator=g) / (3 * H) ** 0.5
 
-    def mma(xs):
-        with kernel_switches(fc_mma_max_tokens=64):
+    def mma(xs, features=0):
+        with kernel_switches(fc_mma_max_tokens=64, fc_mma_max_waves=0, fc_mma_features=features):
+            return eagle3_ops.rms_norm_cat_linear(xs, w8, EPS, "chunk")
+
+    def pair(xs):
+        with kernel_switches(fc_decode_max_tokens=0, fc_mma_max_tokens=0):
             return eagle3_ops.rms_norm_cat_linear(xs, w8, EPS, "chunk")
 
     out.append(("rms_norm_cat_linear chunk T=8 H=4096 mma", lambda: mma(xs8)))
-    out.append(("rms_norm_cat_linear chunk T=8 H=4096 pair",
-                lambda: eagle3_ops.rms_norm_cat_linear(xs8, w8, EPS, "chunk")))
+    out.append(("rms_norm_cat_linear chunk T=8 H=4096 pair", lambda: pair(xs8)))
     # T=64: every block of the mma kernel reads all of x (1.5 MB) from L2 -- how much of
-    # its time that costs beside the weight stream.
+    # its time that costs beside the weight stream, at each block width.
     xs64 = list(torch.randn(64, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
-    out.append(("rms_norm_cat_linear chunk T=64 H=4096 mma", lambda: mma(xs64)))
+    for f in (16, 32):
+        out.append((f"rms_norm_cat_linear chunk T=64 H=4096 mma f{f}", lambda f=f: mma(xs64, f)))
+    xs32 = list(torch.randn(32, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
+    out.append(("rms_norm_cat_linear chunk T=32 H=4096 mma f64", lambda: mma(xs32, 64)))
     return out
 
 

@@ -68,14 +68,16 @@ def run(one: bool) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     cases = 0
     # Every kernel path, each pass its switches on top of the defaults: the staged, two-pass
-    # and register-resident norms, the fc's decode kernel up to T=8, its mma.sync kernel (T = 5
-    # here), its wgmma kernel (every T, Hopper only; aligned views, the only ones it takes),
+    # and register-resident norms (fused_add_rms_norm's with its weights loaded with the
+    # row), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5 here; 32 and 64
+    # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only ones it takes),
     # also in clusters of two, rms_norm_cat with one block per (row, chunk), and the norm
     # weights staged with the rows (blocks of one and two vectors per thread).
     passes = (
         (dict(fc_decode_max_tokens=8), (False, True)),
         (dict(norm_stage_limit=0), (False, True)),
-        (dict(norm_registers=1, fc_mma_max_tokens=64), (False, True)),
+        (dict(norm_registers=1, fc_mma_max_tokens=64, fc_mma_features=32), (False, True)),
+        (dict(fc_mma_max_tokens=64, fc_mma_max_waves=0, fc_mma_features=64), (True,)),
         (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1), (True,)),
         (dict(norm_split_chunks=1), (False, True)),
         (dict(norm_stage_weights=64, norm_vecs_per_thread=1), (False, True)),

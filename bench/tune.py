@@ -7,9 +7,11 @@ row ("row", ``_norm_split_chunks(0)``; for rms_norm_cat "split": one block per (
 chunk), ``_norm_split_chunks(1)``) with blocks of 4 vectors per thread ("v4", the first
 runs' size), 1 or 2 ("v1", "v2"; ``_norm_vecs_per_thread``), "+w" where the norm weights are
 staged with the row (``_norm_stage_weights``), and the register kernel
-(``_norm_registers(1)``). For the fc (``--parts fc``, T = 1..16, H = 4096,
-5120, 7168): the defaults, the mma.sync kernel at any grid ("mma": ``_fc_mma_max_tokens``,
-``_fc_mma_max_waves(0)``) and rms_norm_cat + cuBLAS. On Hopper (``--parts wgmma``), the
+(``_norm_registers(1)``; for fused_add_rms_norm also "registers+w", the weights loaded with
+the row). For the fc (``--parts fc``, T = 1..64, H = 4096, 5120, 7168): the defaults, the
+mma.sync kernel at any grid with 16, 32 or 64 features per block ("mma f16" ...:
+``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0)``, ``_fc_mma_features``) and rms_norm_cat +
+cuBLAS. On Hopper (``--parts wgmma``), the
 wgmma kernel (128 or 256 features per block; "c2": clusters of two blocks multicasting the
 weight tiles) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster``).
@@ -62,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--parts", default=",".join(PARTS),
-                   help="comma-separated: norm (the norm kernels), fc (T <= 16), wgmma (the Hopper grid, the longest)")
+                   help="comma-separated: norm (the norm kernels), fc (T <= 64), wgmma (the Hopper grid, the longest)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     if unknown := sorted(parts - set(PARTS)):
@@ -114,7 +116,8 @@ def _sweep(measure, parts) -> None:
             if T <= 64:  # latency-bound
                 variants += [("row+w v1", default_stage, 0, 0, default_w, 1), ("row+w v2", default_stage, 0, 0, default_w, 2),
                              ("registers v1", default_stage, 1, 0, 0, 1)]
-                variants += [("split+w v2", default_stage, 0, 1, default_w, 2)] if cat else []
+                variants += [("split+w v2", default_stage, 0, 1, default_w, 2)] if cat else \
+                    [("registers+w v1", default_stage, 1, 0, default_w, 1), ("registers+w v2", default_stage, 1, 0, default_w, 2)]
             else:
                 variants += [("row v1", default_stage, 0, 0, 0, 1)]
                 variants += [("split v2", default_stage, 0, 1, 0, 2), ("split v4", default_stage, 0, 1, 0, 4)] \
@@ -124,15 +127,18 @@ def _sweep(measure, parts) -> None:
                                      norm_stage_weights=stage_w, norm_vecs_per_thread=vecs):
                     measure(case, name)
     for H in (4096, 5120, 7168) if "fc" in parts else ():
-        for T in (1, 2, 4, 8, 16):
+        for T in (1, 2, 4, 8, 16, 32, 64):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
-            # (name, decode max tokens, mma max tokens, mma max waves): the defaults, the
-            # mma kernel at any grid, and the pair
+            # (name, decode max tokens, mma max tokens, mma max waves, mma features): the
+            # defaults, the mma kernel at any grid with 16, 32 and 64 features per block (64
+            # declines T > 32), and the pair
             variants = [("default", OPS._fc_decode_max_tokens(-1), OPS._fc_mma_max_tokens(-1),
-                         OPS._fc_mma_max_waves(-1))]
-            variants += [("mma", 0, 64, 0)] if T >= 2 else []
-            for name, decode, mma, waves in variants + [("norm_cat+cuBLAS", 0, 0, 1)]:
-                with kernel_switches(fc_decode_max_tokens=decode, fc_mma_max_tokens=mma, fc_mma_max_waves=waves):
+                         OPS._fc_mma_max_waves(-1), OPS._fc_mma_features(-1))]
+            if T >= 2:
+                variants += [(f"mma f{f}", 0, 64, 0, f) for f in (16, 32, 64) if f < 64 or T <= 32]
+            for name, decode, mma, waves, features in variants + [("norm_cat+cuBLAS", 0, 0, 1, 0)]:
+                with kernel_switches(fc_decode_max_tokens=decode, fc_mma_max_tokens=mma, fc_mma_max_waves=waves,
+                                     fc_mma_features=features):
                     measure(case, name)
     if "wgmma" not in parts or torch.cuda.get_device_capability()[0] != 9:
         return

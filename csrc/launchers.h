@@ -59,6 +59,9 @@ int64_t fc_mma_max_tokens(int64_t value);
 // resident at once), else the call goes to the pair; sets it and returns the previous value,
 // -1 only queries.
 int64_t fc_mma_max_waves(int64_t value);
+// Features (weight rows) per block of launch_fc_mma: 16, 32, 64, or 0 to choose by T (the
+// default); sets it and returns the previous value, -1 only queries.
+int64_t fc_mma_features(int64_t value);
 // The Hopper tensor-core fc for T >= fc_wgmma_min_tokens (bf16 / fp16, sm_90a build on a
 // compute capability 9.x device; TMA + wgmma, two launches: per-token chunk scales, then
 // the GEMM with the scales applied to its accumulators); false where it does not apply.
@@ -82,8 +85,8 @@ int64_t set_norm_stage_limit(int64_t bytes);
 // returns the previous value, -1 only queries.
 int64_t set_norm_registers(int64_t on);
 // Largest T (rows) for which the staged norm kernels copy the norm weights into shared
-// memory with the row (0: never; default 64); sets it and returns the previous value, -1
-// only queries.
+// memory with the row, and fused_add_rms_norm's register kernel loads them into registers
+// with it (0: never; default 64); sets it and returns the previous value, -1 only queries.
 int64_t set_norm_stage_weights(int64_t rows);
 // Vectors per thread the norm kernels size their blocks for (1..8; 0, the default: 1 for
 // launches of up to 64 rows, else 2); sets it and returns the previous value, -1 only

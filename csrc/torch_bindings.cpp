@@ -54,6 +54,12 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_mma_max_waves", value, value >= 0, " or a wave count >= 0",
                            EAGLE3_CUDA_SETTER(fc_mma_max_waves));
   });
+  // Features (weight rows) per block of that kernel: 16, 32, 64, or 0 to choose by T (the
+  // default).
+  m.def("_fc_mma_features(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_mma_features", value, value == 0 || value == 16 || value == 32 || value == 64,
+                           ", 0 (by T), 16, 32 or 64", EAGLE3_CUDA_SETTER(fc_mma_features));
+  });
   // Smallest T served by the fc's Hopper tensor-core kernel (TMA + wgmma; 0, the default,
   // disables it).
   m.def("_fc_wgmma_min_tokens(int value=-1) -> int", [](int64_t value) {
@@ -93,7 +99,8 @@ TORCH_LIBRARY(eagle3, m) {
                            EAGLE3_CUDA_SETTER(set_norm_registers));
   });
   // Largest T for which the staged CUDA norm kernels copy the norm weights into shared
-  // memory with the row (default 64; 0: weights are read after the reduction).
+  // memory with the row, and fused_add_rms_norm's register kernel loads them into registers
+  // with it (default 64; 0: weights are read after the reduction).
   m.def("_norm_stage_weights(int value=-1) -> int", [](int64_t value) {
     return strategy_switch("_norm_stage_weights", value, value >= 0, " or a row count >= 0",
                            EAGLE3_CUDA_SETTER(set_norm_stage_weights));

@@ -635,6 +635,28 @@ def test_fused_add_rms_norm_registers(device, seed, register_norms, dtype, H):
     check_fused_add(device, x, r, bases, rng.norm_weight(H, torch.float32), EPS)
 
 
+@pytest.mark.parametrize("stage_w", [64, 0], ids=["w-with-row", "w-after"])
+@pytest.mark.parametrize("wdtype", ["same", "fp32", "none"])
+@pytest.mark.parametrize("T", [1, 64, 65])
+@pytest.mark.parametrize("H", [4096, 7168, 16384, 769])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_registers_weights(device, seed, register_norms, dtype, H, T, wdtype, stage_w):
+    """The register kernel loads the norm weight (x's dtype or fp32) with the row in launches
+    of up to _norm_stage_weights rows ("+w" in the plan), after the reduction in larger ones
+    or with the switch at 0; rows the kernel does not hold (769: no 16-byte accesses; fp32
+    at 16384: 4096 vectors, past 4 per thread x 512) take the other kernels."""
+    rng = Rng(seed, device)
+    x, r, bases = make_pair(rng, "contig", T, H, dtype)
+    w = None if wdtype == "none" else rng.norm_weight(H, dtype if wdtype == "same" else torch.float32)
+    with kernel_switches(norm_stage_weights=stage_w):
+        check_fused_add(device, x, r, bases, w, EPS)
+        plan = torch.ops.eagle3._norm_last_plan()
+    if torch.device(device).type == "cuda":
+        regs = H != 769 and H * dtype.itemsize <= 2048 * 16
+        assert plan.startswith("registers") == regs, plan
+        assert ("+w" in plan) == (regs and wdtype != "none" and T <= stage_w), plan
+
+
 # ---- rms_norm_cat with one block per (row, chunk) -------------------------------------------
 
 
@@ -870,6 +892,22 @@ def test_rms_norm_cat_linear_mma_waves(device, seed, T):
         check_linear(device, xs, bases, w, EPS, "chunk", (T,), path="mma")
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("T", [2, 9, 17, 33, 64])
+@pytest.mark.parametrize("features", [16, 32, 64])
+def test_rms_norm_cat_linear_mma_features(device, seed, mma_up_to_64, features, T, norm):
+    """Every block width of the tensor-core kernel (_fc_mma_features) at every token-tile
+    count: N = 200 leaves a partial last block at each width, chunk boundaries fall inside
+    a warp's group of k-blocks. 64 features at T > 32 would need 128 accumulators per
+    thread: the pair serves it."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", T, [320, 64, 256], torch.bfloat16)
+    w = rng.linear_weight(200, 640, torch.bfloat16)
+    with kernel_switches(fc_mma_features=features):
+        assert torch.ops.eagle3._fc_mma_features(-1) == (features if eagle3_ops.has_cuda_kernels() else 0)
+        check_linear(device, xs, bases, w, EPS, norm, (T,), path="pair" if features == 64 and T > 32 else "mma")
+
+
 def test_rms_norm_cat_linear_mma_t1(device, seed, mma_up_to_64):
     """T = 1 through the tensor-core kernel (the decode kernel switched off)."""
     rng = Rng(seed, device)
@@ -992,6 +1030,7 @@ SWITCH_ERRORS = {
     "fc_decode_max_tokens": (9, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got 9"),
     "fc_mma_max_tokens": (65, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got 65"),
     "fc_mma_max_waves": (-2, "_fc_mma_max_waves: value must be -1 (query) or a wave count >= 0, got -2"),
+    "fc_mma_features": (48, "_fc_mma_features: value must be -1 (query), 0 (by T), 16, 32 or 64, got 48"),
     "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),
     "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
     "fc_wgmma_cluster": (0, "_fc_wgmma_cluster: value must be -1 (query), 1 or 2, got 0"),

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "launchers.h"
 
@@ -164,6 +165,46 @@ __device__ __forceinline__ void stage_weight_vec(void* dst, const void* w, int w
   const char* s = static_cast<const char*>(w) + off;
   cp_async16(d, s);
   if (sizeof(T) == 2 && w_kind == kWeightFp32) cp_async16(d + 16, s + 16);  // 8 fp32 weights: 32 bytes
+}
+
+// The raw bytes of the V norm weights [i, i + V) of a contiguous, 16-byte aligned weight,
+// loaded into registers ahead of their use (the register kernels' weights with the row):
+// one 16-byte load for weights of x's type, V x 4 bytes for fp32 ones. weights_of converts
+// them where they are used.
+struct WeightRaw {
+  uint4 u[2];
+};
+template <typename T>
+__device__ __forceinline__ WeightRaw prefetch_weight_vec(const void* w, int w_kind, int64_t i) {
+  WeightRaw r{};
+  if (w_kind == kWeightSameType) {
+    r.u[0] = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(w) + i));
+  } else if (w_kind == kWeightFp32) {
+    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const float*>(w) + i);
+    r.u[0] = __ldg(p);
+    if (Vec<T>::N == 8) r.u[1] = __ldg(p + 1);
+  }
+  return r;
+}
+template <typename T>
+__device__ __forceinline__ void weights_of(const WeightRaw& r, int w_kind, float (&out)[Vec<T>::N]) {
+  constexpr int V = Vec<T>::N;
+  if (w_kind == kWeightSameType) {
+    Vec<T> wv;
+    memcpy(&wv, &r.u[0], sizeof(wv));
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = to_float(wv.v[j]);
+  } else if (w_kind == kWeightFp32) {
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      float4 f;
+      memcpy(&f, &r.u[q], sizeof(f));
+      out[4 * q] = f.x; out[4 * q + 1] = f.y; out[4 * q + 2] = f.z; out[4 * q + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = 1.f;
+  }
 }
 
 template <typename T>

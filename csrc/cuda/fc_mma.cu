@@ -258,6 +258,12 @@ std::atomic<int64_t> g_mma_max_tokens{8};
 // the instance, rounded up; 0: no bound): 1, the case measured to win (above).
 std::atomic<int64_t> g_mma_max_waves{1};
 constexpr int64_t kMmaMaxTokens = 64;
+// Features (weight rows) per block: 16, 32 or 64, or 0 to choose by T (16 up to T = 16, else
+// 32: the measured configurations above). A block re-reads all of x from L2 for its
+// features, so wider blocks cut that traffic (x is T x the weight's columns per block), and
+// at H=7168 32 features take 224 blocks, one wave where 16 take 448; narrower blocks put
+// more blocks on the card. Not yet measured on a GPU: bench.tune times 16, 32 and 64.
+std::atomic<int64_t> g_mma_features{0};
 // Shared memory of one block at most (the default limit, no opt-in): K=3 with norm "chunk"
 // at T=64 takes 26 KB. Past the limit the call goes to the pair: with norm "chunk", more
 // than 5 chunks at T = 33..64, 11 at T = 17..32, 42 at T = 9..16 (T <= 8: every K fits).
@@ -274,9 +280,14 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
     tab.c[k] = ChunkDesc{x.data_ptr(), nullptr, x.stride(0), static_cast<int32_t>(c.widths[k]),
                          static_cast<int32_t>(c.offsets[k]), 0, 1, kNoWeight};
   }
-  // The configuration by T: registers per thread ~ U (4 MT + 4 NT) + 4 MT NT, so the
-  // larger token tiles trade loads in flight for accumulators.
-  const int mt = rows <= 16 ? 1 : 2, nt = rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8;
+  // The configuration: MT m-tiles from the features per block (g_mma_features), NT from T,
+  // U from both: registers per thread ~ U (4 MT + 4 NT) + 4 MT NT, so the larger tiles trade
+  // loads in flight for accumulators.
+  const int64_t features = g_mma_features.load(std::memory_order_relaxed);
+  const int mt = features > 0 ? static_cast<int>(features / 16) : rows <= 16 ? 1 : 2;
+  const int nt = rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8;
+  // 64 features x 64 tokens would hold 128 accumulators per thread: the pair serves it.
+  if (mt == 4 && nt == 8) return false;
   const int64_t smem = mma_smem_floats(mt, nt, num_chunks, mode) * static_cast<int64_t>(sizeof(float));
   if (smem > kMmaMaxSmem) return false;  // many chunks with norm "chunk": the pair serves them
   const c10::cuda::CUDAGuard guard(weight.device());
@@ -295,10 +306,19 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   };
-  if (nt == 1) return launch(fc_mma_kernel<T, 1, 1, 4>);
-  if (nt == 2) return launch(fc_mma_kernel<T, 1, 2, 4>);
-  if (nt == 4) return launch(fc_mma_kernel<T, 2, 4, 2>);
-  return launch(fc_mma_kernel<T, 2, 8, 2>);
+  switch (mt * 10 + nt) {
+    case 11: return launch(fc_mma_kernel<T, 1, 1, 4>);
+    case 12: return launch(fc_mma_kernel<T, 1, 2, 4>);
+    case 14: return launch(fc_mma_kernel<T, 1, 4, 2>);
+    case 18: return launch(fc_mma_kernel<T, 1, 8, 2>);
+    case 21: return launch(fc_mma_kernel<T, 2, 1, 4>);
+    case 22: return launch(fc_mma_kernel<T, 2, 2, 4>);
+    case 24: return launch(fc_mma_kernel<T, 2, 4, 2>);
+    case 28: return launch(fc_mma_kernel<T, 2, 8, 2>);
+    case 41: return launch(fc_mma_kernel<T, 4, 1, 2>);
+    case 42: return launch(fc_mma_kernel<T, 4, 2, 2>);
+    default: return launch(fc_mma_kernel<T, 4, 4, 1>);  // 44 (48 was declined above)
+  }
 }
 
 }  // namespace
@@ -318,6 +338,11 @@ bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, Norm
 int64_t fc_mma_max_tokens(int64_t value) {
   if (value < 0) return g_mma_max_tokens.load();
   return g_mma_max_tokens.exchange(value);
+}
+
+int64_t fc_mma_features(int64_t value) {
+  if (value < 0) return g_mma_features.load();
+  return g_mma_features.exchange(value);
 }
 
 int64_t fc_mma_max_waves(int64_t value) {

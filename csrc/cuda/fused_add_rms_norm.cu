@@ -7,7 +7,8 @@
 // normalised row. Each thread touches only the elements it staged itself. Rows past the
 // stage limit are read twice from global memory; with _norm_registers(1) qualifying rows
 // are kept in registers instead (fused_add_rms_norm_regs_kernel). With _norm_stage_weights(n),
-// a staged launch of at most n rows stages the norm weight with the rows (as rms_norm_cat).
+// a launch of at most n rows loads the norm weight with the rows: the staged kernel into
+// shared memory (as rms_norm_cat), the register kernel into registers.
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
@@ -30,18 +31,23 @@ __device__ __forceinline__ Vec<T> sum_vec(const Vec<T>& a, const Vec<T>& b, floa
   return s;
 }
 
-// (a + b) * scale * weight, formed in fp32 from the unrounded sum, rounded once to T; the
-// weight from global memory, or (kStagedW) from the block's shared-memory copy.
+// (a + b) * scale * weight, formed in fp32 from the unrounded sum, rounded once to T.
+template <typename T>
+__device__ __forceinline__ Vec<T> normed_of(const Vec<T>& a, const Vec<T>& b, float scale,
+                                            const float (&wv)[Vec<T>::N]) {
+  Vec<T> y;
+#pragma unroll
+  for (int j = 0; j < Vec<T>::N; ++j) y.v[j] = from_float<T>((to_float(a.v[j]) + to_float(b.v[j])) * scale * wv[j]);
+  return y;
+}
+// The same with the weight from global memory, or (kStagedW) from the block's shared-memory
+// copy.
 template <typename T, bool kStagedW = false>
 __device__ __forceinline__ Vec<T> normed_vec(const Vec<T>& a, const Vec<T>& b, float scale, const void* w,
                                              int w_kind, int64_t i) {
-  constexpr int V = Vec<T>::N;
-  float wv[V];
+  float wv[Vec<T>::N];
   load_weight_vec<T, kStagedW>(w, w_kind, i, wv);
-  Vec<T> y;
-#pragma unroll
-  for (int j = 0; j < V; ++j) y.v[j] = from_float<T>((to_float(a.v[j]) + to_float(b.v[j])) * scale * wv[j]);
-  return y;
+  return normed_of(a, b, scale, wv);
 }
 
 // rsqrt(mean of the row's squares + eps) from each thread's partial sum ss; warp_sums holds
@@ -122,8 +128,11 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
 // The register-resident strategy (norm_registers): every thread streams its kRegVecs
 // vectors of x and of residual into registers (all loads of the row in flight at once),
 // writes s = x + residual and sums its squares, then writes the normalised row from the
-// same registers. Nothing is staged; the row is read from memory once.
-template <typename T>
+// same registers. Nothing is staged; the row is read from memory once. kPreW (launches of
+// up to _norm_stage_weights rows, with a weight): each thread also loads its vectors' norm
+// weights with the row, so they arrive in the row's one round trip rather than as a
+// dependent load after the reduction (the staged kernel's weight staging, in registers).
+template <typename T, bool kPreW>
 __global__ void __launch_bounds__(kRegMaxThreads)
 fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, const T* __restrict__ res,
                                const int64_t res_stride, const void* __restrict__ w, const int w_kind,
@@ -135,10 +144,15 @@ fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, 
     const T* xr = x + row * x_stride;
     const T* rr = res + row * res_stride;
     Vec<T> a[kRegVecs], b[kRegVecs];
+    WeightRaw wr[kPreW ? kRegVecs : 1];
 #pragma unroll
     for (int j = 0; j < kRegVecs; ++j) {
       const int i = (threadIdx.x + j * blockDim.x) * V;
-      if (i < width) { a[j] = load_vec_stream(xr + i); b[j] = load_vec_stream(rr + i); }
+      if (i < width) {
+        a[j] = load_vec_stream(xr + i);
+        b[j] = load_vec_stream(rr + i);
+        if constexpr (kPreW) wr[j] = prefetch_weight_vec<T>(w, w_kind, i);
+      }
     }
     T* sum_row = sum + row * static_cast<int64_t>(width);
     T* out_row = normed + row * static_cast<int64_t>(width);
@@ -152,7 +166,14 @@ fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, 
 #pragma unroll
     for (int j = 0; j < kRegVecs; ++j) {
       const int i = (threadIdx.x + j * blockDim.x) * V;
-      if (i < width) store_vec_stream(out_row + i, normed_vec(a[j], b[j], scale, w, w_kind, i));
+      if (i >= width) continue;
+      if constexpr (kPreW) {
+        float wv[V];
+        weights_of<T>(wr[j], w_kind, wv);
+        store_vec_stream(out_row + i, normed_of(a[j], b[j], scale, wv));
+      } else {
+        store_vec_stream(out_row + i, normed_vec(a[j], b[j], scale, w, w_kind, i));
+      }
     }
     __syncthreads();  // warp_sums are reused by the block's next row
   }
@@ -177,12 +198,15 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
                      r2.stride(0) % V == 0 && width % V == 0 && (wp == nullptr || aligned16(wp));
     const int64_t grid = std::min<int64_t>(rows, INT32_MAX);
     if (const int rthreads = reg_threads(vec ? width / V : width, 1, vec, rows); rthreads > 0) {
-      fused_add_rms_norm_regs_kernel<scalar_t><<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(
+      // (reg_threads takes only 16-byte rows, so the weight, if any, is 16-byte aligned)
+      const bool pre_w = wp != nullptr && rows <= set_norm_stage_weights(-1);
+      auto* kernel = pre_w ? fused_add_rms_norm_regs_kernel<scalar_t, true> : fused_add_rms_norm_regs_kernel<scalar_t, false>;
+      kernel<<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(
           static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
           r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
           rows, static_cast<int>(width), eps);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      set_norm_last_plan({"registers", false, false, rthreads});
+      set_norm_last_plan({"registers", false, pre_w, rthreads});
       return;
     }
     const int threads = threads_for(vec ? width / V : width, rows);
