@@ -120,6 +120,8 @@ def _sweep(measure, parts) -> None:
                     [("registers+w v1", default_stage, 1, 0, default_w, 1), ("registers+w v2", default_stage, 1, 0, default_w, 2)]
             else:
                 variants += [("row v1", default_stage, 0, 0, 0, 1)]
+                # H=7168 at v2: 448 threads, 4 blocks per SM where its 43 KB stage allows 5
+                variants += [("row v3", default_stage, 0, 0, 0, 3)] if (T, H) == (16384, 7168) else []
                 variants += [("split v2", default_stage, 0, 1, 0, 2), ("split v4", default_stage, 0, 1, 0, 4)] \
                     if cat and T == 16384 else []
             for name, limit, regs, split, stage_w, vecs in variants:

@@ -282,7 +282,11 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
   }
   // The configuration: MT m-tiles from the features per block (g_mma_features), NT from T,
   // U from both: registers per thread ~ U (4 MT + 4 NT) + 4 MT NT, so the larger tiles trade
-  // loads in flight for accumulators.
+  // loads in flight for accumulators. sm_90a build (registers -> blocks of 256 threads per
+  // SM): (MT, NT) = (1, 1) 80 -> 3; (1, 2) 115, (1, 4) 95, (2, 1) 128, (2, 2) 90, (2, 4) 125,
+  // (4, 1) 112 -> 2; (1, 8) 158, (2, 8) 204, (4, 2) 142, (4, 4) 146 -> 1. (2, 2) takes U = 2:
+  // at U = 4 it held 160 registers, one block per SM, so H=7168's 224 blocks of 32 features
+  // would run in two waves.
   const int64_t features = g_mma_features.load(std::memory_order_relaxed);
   const int mt = features > 0 ? static_cast<int>(features / 16) : rows <= 16 ? 1 : 2;
   const int nt = rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8;
@@ -312,7 +316,7 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
     case 14: return launch(fc_mma_kernel<T, 1, 4, 2>);
     case 18: return launch(fc_mma_kernel<T, 1, 8, 2>);
     case 21: return launch(fc_mma_kernel<T, 2, 1, 4>);
-    case 22: return launch(fc_mma_kernel<T, 2, 2, 4>);
+    case 22: return launch(fc_mma_kernel<T, 2, 2, 2>);  // U=4: 160 registers, one block per SM
     case 24: return launch(fc_mma_kernel<T, 2, 4, 2>);
     case 28: return launch(fc_mma_kernel<T, 2, 8, 2>);
     case 41: return launch(fc_mma_kernel<T, 4, 1, 2>);
