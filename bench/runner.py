@@ -5,8 +5,10 @@ linear for the fc; eagle3 / eager / compile for the drafter step, where eager is
 package's pure-PyTorch reference drafter and compile its torch.compile): the output is
 checked against the float64 reference first (relative error at most 2x eager's + 1e-3 for
 bf16/fp16, + 1e-5 for fp32); a wrong or failing implementation is reported and not timed.
-Then it is timed (CUDA events over rotated inputs, plus CUDA-graph replay for T <= 64; on
-CPU time.perf_counter), and each row gets GB/s, TFLOP/s, % of the copy / matmul ceilings
+Then the correct implementations of the case are timed together, their samples taken in
+interleaved turns so that a drift of the card's clocks reaches them alike (CUDA events over
+rotated inputs, plus CUDA-graph replay for T <= 64; on CPU time.perf_counter), and each
+row gets GB/s, TFLOP/s, % of the copy / matmul ceilings
 measured in the same run, and the ratio to every baseline (time of X / time of this row:
 > 1 means this row is faster).
 
@@ -228,12 +230,14 @@ def run_case(case: C.Case, cfg: Config) -> List[Dict[str, Any]]:
     rot = {"n_rot": n_rot, "rotated_bytes": n_rot * case.input_bytes(),
            "exceeds_2x_cache": n_rot * case.input_bytes() + case.shared_bytes() >= 2 * cfg.cache_bytes,
            "checked_rows": case.T if case.check_rows() is None else int(case.check_rows().numel())}
+    by_name: Dict[str, Dict[str, Any]] = {}
+    live: Dict[str, list] = {}  # the implementations to time: name -> calls, one per input set
     for impl in iset.impls:
         row = _base_row(case, impl)
         row.update(rot)
         row["eager_rel_err"], row["tol"] = checker.eager_err, checker.tol
         rows.append(row)
-        calls = None
+        by_name[impl.name] = row
         try:
             calls = [impl.prepare(inp) for inp in inputs]
             timing.sync(case.device)
@@ -251,30 +255,31 @@ def run_case(case: C.Case, cfg: Config) -> List[Dict[str, Any]]:
             if not chk.ok:
                 row["error"] = f"wrong: rel err {chk.err:.3g} > tol {chk.tol:.3g}; not timed"
                 continue
-            if case.device == "cuda":
-                st = timing.time_cuda(calls, cfg.budget)
-            else:
-                st = timing.time_host(calls, cfg.budget)
-            row.update(median_us=st.median_us, p20_us=st.p20_us, p80_us=st.p80_us, reps=st.reps, batch=st.batch)
-            if case.device == "cuda" and case.T <= GRAPH_MAX_T:
-                try:
-                    per_graph = min(max(n_rot, 32), ROTATION_CAP)
-                    g = timing.time_cuda_graph(calls, per_graph, cfg.graph_budget)
-                    row.update(graph_us=g.median_us, graph_p20_us=g.p20_us, graph_p80_us=g.p80_us,
-                               graph_calls=per_graph)
-                except Exception as e:  # capture failed: keep the stream time, say why
-                    row["graph_error"] = _first_line(e)
-                    torch.cuda.synchronize()
+            live[impl.name] = calls
         except Exception as e:
-            row["correct"] = False if row["max_rel_err"] is None else row["correct"]
-            row["error"] = _first_line(e)
-            if case.device == "cuda":
-                try:
-                    torch.cuda.synchronize()
-                except Exception:
-                    pass
-        finally:
-            del calls
+            _record_failure(row, e, case.device)
+    # Timed together, in turns (timing.time_interleaved): the ratios between the rows compare
+    # implementations under the same clocks.
+    try:
+        if live:
+            timed = timing.time_interleaved(live, cfg.budget, case.device)
+            for name, st in timed.items():
+                if isinstance(st, Exception):
+                    _record_failure(by_name[name], st, case.device)
+                    live.pop(name)
+                else:
+                    by_name[name].update(median_us=st.median_us, p20_us=st.p20_us, p80_us=st.p80_us, reps=st.reps,
+                                         batch=st.batch)
+        if live and case.device == "cuda" and case.T <= GRAPH_MAX_T:
+            per_graph = min(max(n_rot, 32), ROTATION_CAP)
+            for name, st in timing.time_graphs_interleaved(live, per_graph, cfg.graph_budget).items():
+                if isinstance(st, Exception):  # capture failed: keep the stream time, say why
+                    by_name[name]["graph_error"] = _first_line(st)
+                else:
+                    by_name[name].update(graph_us=st.median_us, graph_p20_us=st.p20_us, graph_p80_us=st.p80_us,
+                                         graph_calls=per_graph)
+    finally:
+        live.clear()
     for note in iset.notes:
         rows[0].setdefault("notes", []).append(note)
     del inputs, checker
@@ -282,6 +287,18 @@ def run_case(case: C.Case, cfg: Config) -> List[Dict[str, Any]]:
     if case.device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _record_failure(row: Dict[str, Any], e: BaseException, device: str) -> None:
+    """An implementation that raised: not correct where it was not checked yet, the error's
+    first line; the device synchronised (quietly) for the next implementation."""
+    row["correct"] = False if row["max_rel_err"] is None else row["correct"]
+    row["error"] = _first_line(e)
+    if device == "cuda":
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
 
 
 def _failed_case_rows(case: C.Case, e: BaseException) -> List[Dict[str, Any]]:
@@ -435,9 +452,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "threads": torch.get_num_threads(), "cache_bytes": cache_bytes, "cache_size_measured": cache_measured,
         "cache_kind": "L2" if device == "cuda" else "LLC",
         "timing": ("CUDA events over batches of back-to-back calls on rotated inputs, median and p20-p80 of "
-                   f"the per-call time; CUDA-graph replay (graph_us) for T <= {GRAPH_MAX_T}"
+                   f"the per-call time; CUDA-graph replay (graph_us) for T <= {GRAPH_MAX_T}; the implementations "
+                   f"of a case timed in {timing.ROUNDS} interleaved turns each"
                    if device == "cuda" else
-                   "time.perf_counter over batches of calls on rotated inputs, median and p20-p80"),
+                   "time.perf_counter over batches of calls on rotated inputs, median and p20-p80; the "
+                   f"implementations of a case timed in {timing.ROUNDS} interleaved turns each"),
         "compile": "off" if args.no_compile else "torch.compile(fn, dynamic=False, fullgraph=True), default mode",
         "notes": [],
     }

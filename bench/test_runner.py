@@ -102,3 +102,72 @@ def test_mla_drafter_step_case():
             chk = checker(out)
             assert chk.ok, (impl.name, chk)
     C.release_drafter_models()
+
+
+def test_rotation_splits_and_rotates():
+    """Each name gets all its samples, split over the rounds; each round starts one name on."""
+    from bench import timing
+    turns = list(timing._rotation(["a", "b", "c"], 25, 10))
+    assert [name for r, name, _ in turns if r == 0] == ["a", "b", "c"]
+    assert [name for r, name, _ in turns if r == 1] == ["b", "c", "a"]
+    assert [name for r, name, _ in turns if r == 2] == ["c", "a", "b"]
+    for name in "abc":
+        shares = [n for _, nm, n in turns if nm == name]
+        assert sum(shares) == 25 and len(shares) == 10 and max(shares) - min(shares) <= 1
+    assert len(list(timing._rotation(["a", "b"], 3, 10))) == 2 * 3  # fewer samples than rounds
+
+
+def test_time_interleaved_host():
+    """On the CPU: every implementation is timed in turns (the call log alternates between
+    them), the times order as the work does, and one that raises mid-way is reported with
+    its exception while the others still get their figures."""
+    import time as _time
+
+    from bench import timing
+    log = []
+
+    def work(name, seconds):
+        def call():
+            log.append(name)
+            end = _time.perf_counter() + seconds
+            while _time.perf_counter() < end:
+                pass
+        return call
+
+    calls_made = {"n": 0}
+
+    def flaky():
+        calls_made["n"] += 1
+        log.append("flaky")
+        if calls_made["n"] > 4:
+            raise RuntimeError("flaky failed")
+
+    budget = timing.Budget(seconds=0.02, min_reps=10, max_reps=10, min_sample_s=0.0)
+    out = timing.time_interleaved({"fast": [work("fast", 2e-4)], "slow": [work("slow", 1e-3)], "flaky": [flaky]},
+                                  budget, "cpu", rounds=5)
+    assert isinstance(out["flaky"], RuntimeError) and "flaky failed" in str(out["flaky"])
+    fast, slow = out["fast"], out["slow"]
+    assert fast.reps == slow.reps == 10 and fast.batch == slow.batch == 1
+    assert 1.5e2 < fast.median_us < slow.median_us and slow.median_us > 9e2
+    # the timed calls alternate: after round 0, fast and slow take 4 turns each in
+    # rotating order (neighbouring turns of the same name run back to back: at least 5 runs)
+    timed = [n for n in log[log.index("flaky", log.index("flaky") + 1):] if n != "flaky"]
+    switches = sum(1 for a, b in zip(timed, timed[1:]) if a != b)
+    assert switches >= 4, timed
+
+
+def test_tune_times_variants_together():
+    """bench.tune's measurement of one case on the CPU (the CUDA figures come the same way):
+    every variant runs under its own switches (restored afterwards), on the same inputs,
+    and gets its path, a time and its error against float64."""
+    from bench import timing, tune
+    case = C.make_case(C.FC_OP, 65, 64, torch.bfloat16, "cpu", norm="chunk")
+    before = torch.ops.eagle3._fc_mma_max_tokens(-1)
+    budget = timing.Budget(seconds=0.01, min_reps=3, max_reps=3, min_sample_s=0.0)
+    results, failed = tune._time_variants(
+        case, [("default", {}), ("pair", dict(fc_mma_max_tokens=0, fc_decode_max_tokens=0))], budget, 1 << 20)
+    assert failed is None
+    assert [r[0] for r in results] == ["default", "pair"]
+    for name, path, us, err in results:
+        assert path == "pair" and us > 0 and err < 1e-2, (name, path, us, err)
+    assert torch.ops.eagle3._fc_mma_max_tokens(-1) == before

@@ -19,7 +19,8 @@ Each row names the path that served it (``_fc_last_path``; for the norm kernels 
 plan, ``_norm_last_plan``: strategy, weights staged, threads per block), so a kernel that
 declined shows as such.
 Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
-beside the copy bandwidth measured in the same run and the variant's error against float64.
+the variants of a case timed together in interleaved turns (bench/timing.py), beside the
+copy bandwidth measured in the same run and the variant's error against float64.
 The defaults in csrc/ are chosen from these tables.
 """
 
@@ -40,24 +41,42 @@ OPS = torch.ops.eagle3
 PARTS = ("norm", "fc", "wgmma")  # --parts
 
 
-# The float64 reference of the last case (its variants are measured one after another on
-# the same inputs): (case, reference), so a T=16384 fc's reference is computed once.
-_last_reference: list = [None, None]
-
-
-def _time_ours(case: C.Case, budget: timing.Budget, cache_bytes: int) -> tuple[float, float]:
-    """(median us, relative error against float64 of the first input set). T <= 64 is timed
-    by CUDA-graph replay (GPU time, as the defaults were chosen), larger T with events."""
+def _time_variants(case: C.Case, variants, budget: timing.Budget, cache_bytes: int) -> list:
+    """The variants of one case, (name, kernel switches) each, on the same inputs, timed
+    together: their samples are taken in interleaved turns, each under its switches, so the
+    card's clock drift reaches them alike (timing.time_graphs_interleaved for T <= 64: GPU
+    time, as the defaults were chosen; timing.time_interleaved with events above). Per
+    variant (in order): (name, path or plan, median us, relative error against float64 of
+    the first input set). A variant that raised while timed raises here, after the others."""
     n = C.rotation_copies(case, cache_bytes, cap=64, mem_cap_bytes=8 << 30)
     impl = next(i for i in C.implementations(case, with_compile=False).impls if i.name == "eagle3")
     inputs = [C.make_inputs(case, seed=i) for i in range(n)]
-    calls = [impl.prepare(inp) for inp in inputs]
-    if _last_reference[0] is not case:
-        _last_reference[:] = [None, None]  # free the previous one first
-        _last_reference[:] = [case, C.reference_fp64(case, inputs[0])]
-    err = C.rel_err(calls[0](), _last_reference[1])
-    stats = timing.time_cuda_graph(calls, 20, budget) if case.T <= 64 else timing.time_cuda(calls, budget)
-    return stats.median_us, err
+    reference = C.reference_fp64(case, inputs[0])
+    call_sets, contexts, info = {}, {}, {}
+    for name, switches in variants:
+        def ctx(sw=switches):
+            return kernel_switches(**sw)
+        with ctx():
+            calls = [impl.prepare(inp) for inp in inputs]
+            out = calls[0]()
+            # the fc's path, or the norm launch's plan (strategy, weights staged, threads)
+            path = OPS._fc_last_path() if case.op == C.FC_OP else OPS._norm_last_plan()
+        info[name] = (path, C.rel_err(out, reference))
+        del out
+        call_sets[name], contexts[name] = calls, ctx
+    del reference
+    timed = (timing.time_graphs_interleaved(call_sets, 20, budget, contexts=contexts)
+             if case.device == "cuda" and case.T <= 64 else
+             timing.time_interleaved(call_sets, budget, case.device, contexts=contexts))
+    results, failed = [], None
+    for name, _ in variants:
+        st = timed[name]
+        if isinstance(st, Exception):
+            failed = failed or st
+            continue
+        results.append((name, info[name][0], st.median_us, info[name][1]))
+    call_sets.clear()
+    return results, failed
 
 
 def main() -> None:
@@ -78,15 +97,16 @@ def main() -> None:
     print("| op | T | H | variant | path | us | GB/s | % copy | rel err |")
     print("|---|---|---|---|---|---|---|---|---|")
 
-    def measure(case, name):
-        us, err = _time_ours(case, budget, cache)
-        # the fc's path, or the norm launch's plan (strategy, weights staged, threads)
-        path = OPS._fc_last_path() if case.op == C.FC_OP else OPS._norm_last_plan()
-        gbps = case.bytes_moved() / us / 1e3
-        rows.append(dict(op=case.op, T=case.T, H=case.H, variant=name, path=path, us=us, gbps=gbps,
-                         pct_copy=100 * gbps / copy, rel_err=err))
-        print(f"| {case.op} | {case.T} | {case.H} | {name} | {path} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f} "
-              f"| {err:.2g} |")
+    def measure(case, variants):
+        results, failed = _time_variants(case, variants, budget, cache)
+        for name, path, us, err in results:
+            gbps = case.bytes_moved() / us / 1e3
+            rows.append(dict(op=case.op, T=case.T, H=case.H, variant=name, path=path, us=us, gbps=gbps,
+                             pct_copy=100 * gbps / copy, rel_err=err))
+            print(f"| {case.op} | {case.T} | {case.H} | {name} | {path} | {us:.1f} | {gbps:.0f} "
+                  f"| {100 * gbps / copy:.1f} | {err:.2g} |")
+        if failed is not None:
+            raise failed
 
     try:
         _sweep(measure, parts)
@@ -100,7 +120,8 @@ def main() -> None:
 
 
 def _sweep(measure, parts) -> None:
-    """Each variant measured under its switches (kernel_switches restores them after)."""
+    """measure(case, [(variant name, kernel switches), ...]) for every case: its variants are
+    timed together, each under its switches (kernel_switches restores them after)."""
     default_stage = OPS._norm_stage_limit(-1)
     default_w = OPS._norm_stage_weights(-1)
     default_split = OPS._norm_split_chunks(-1)
@@ -127,10 +148,9 @@ def _sweep(measure, parts) -> None:
                 variants += [("registers v2", default_stage, 1, 0, 0, 2)] if not cat and T == 16384 else []
                 variants += [("split v2", default_stage, 0, 1, 0, 2), ("split v4", default_stage, 0, 1, 0, 4)] \
                     if cat and T == 16384 else []
-            for name, limit, regs, split, stage_w, vecs in variants:
-                with kernel_switches(norm_stage_limit=limit, norm_registers=regs, norm_split_chunks=split,
-                                     norm_stage_weights=stage_w, norm_vecs_per_thread=vecs):
-                    measure(case, name)
+            measure(case, [(name, dict(norm_stage_limit=limit, norm_registers=regs, norm_split_chunks=split,
+                                       norm_stage_weights=stage_w, norm_vecs_per_thread=vecs))
+                           for name, limit, regs, split, stage_w, vecs in variants])
     for H in (4096, 5120, 7168) if "fc" in parts else ():
         for T in (1, 2, 4, 8, 16, 32, 64):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
@@ -141,10 +161,9 @@ def _sweep(measure, parts) -> None:
                          OPS._fc_mma_max_waves(-1), OPS._fc_mma_features(-1))]
             if T >= 2:
                 variants += [(f"mma f{f}", 0, 64, 0, f) for f in (16, 32, 64) if f < 64 or T <= 32]
-            for name, decode, mma, waves, features in variants + [("norm_cat+cuBLAS", 0, 0, 1, 0)]:
-                with kernel_switches(fc_decode_max_tokens=decode, fc_mma_max_tokens=mma, fc_mma_max_waves=waves,
-                                     fc_mma_features=features):
-                    measure(case, name)
+            measure(case, [(name, dict(fc_decode_max_tokens=decode, fc_mma_max_tokens=mma, fc_mma_max_waves=waves,
+                                       fc_mma_features=features))
+                           for name, decode, mma, waves, features in variants + [("norm_cat+cuBLAS", 0, 0, 1, 0)]])
     if "wgmma" not in parts or torch.cuda.get_device_capability()[0] != 9:
         return
     # The grid a threshold needs (the first H100 run had the kernel ahead only at H=4096,
@@ -158,9 +177,8 @@ def _sweep(measure, parts) -> None:
                 tiles = (("wgmma-128", 1, 128, 1), ("wgmma-256", 1, 256, 1))  # both, as in the first run
             if not os.environ.get("EAGLE3_TUNE_NO_CLUSTER"):  # set by gpu_check.sh when its tests failed
                 tiles += (("wgmma-128 c2", 1, 128, 2),) if T <= 1024 else (("wgmma-256 c2", 1, 256, 2),)
-            for name, min_tokens, tile, cluster in tiles + (("norm_cat+cuBLAS", 0, 0, 1),):
-                with kernel_switches(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile, fc_wgmma_cluster=cluster):
-                    measure(case, name)
+            measure(case, [(name, dict(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile, fc_wgmma_cluster=cluster))
+                           for name, min_tokens, tile, cluster in tiles + (("norm_cat+cuBLAS", 0, 0, 1),)])
 
 if __name__ == "__main__":
     main()
