@@ -8,12 +8,12 @@ chunk), ``_norm_split_chunks(1)``) with blocks of 4 vectors per thread ("v4", th
 runs' size), 1 or 2 ("v1", "v2"; ``_norm_vecs_per_thread``; 3 at T=16384, H=7168), "+w"
 where the norm weights are staged with the row (``_norm_stage_weights``), and the register
 kernel (``_norm_registers(1)``; for fused_add_rms_norm also "registers+w", the weights
-loaded with the row, and "registers v2" at T=16384). For the fc (``--parts fc``, T = 1..64, H = 4096, 5120, 7168): the defaults, the
-mma.sync kernel at any grid with 16, 32 or 64 features per block ("mma f16" ...:
-``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0)``, ``_fc_mma_features``) and rms_norm_cat +
-cuBLAS. On Hopper (``--parts wgmma``), the
-wgmma kernel (128 or 256 features per block; "c2": clusters of two blocks multicasting the
-weight tiles) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
+loaded with the row, and "registers v2" at T=16384). For the fc (``--parts fc``, T = 1..64,
+H = 4096, 5120, 7168): the defaults, the mma.sync kernel at any grid with 16, 32 or 64
+features per block ("mma f16" ...: ``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0)``,
+``_fc_mma_features``) and rms_norm_cat + cuBLAS. On Hopper (``--parts wgmma``), the wgmma
+kernel (128 or 256 features per block; "c2": clusters of two blocks multicasting the weight
+tiles) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster``).
 Each row names the path that served it (``_fc_last_path``; for the norm kernels the launch's
 plan, ``_norm_last_plan``: strategy, weights staged, threads per block), so a kernel that
@@ -41,13 +41,14 @@ OPS = torch.ops.eagle3
 PARTS = ("norm", "fc", "wgmma")  # --parts
 
 
-def _time_variants(case: C.Case, variants, budget: timing.Budget, cache_bytes: int) -> list:
+def _time_variants(case: C.Case, variants, budget: timing.Budget, cache_bytes: int) -> tuple:
     """The variants of one case, (name, kernel switches) each, on the same inputs, timed
     together: their samples are taken in interleaved turns, each under its switches, so the
     card's clock drift reaches them alike (timing.time_graphs_interleaved for T <= 64: GPU
-    time, as the defaults were chosen; timing.time_interleaved with events above). Per
-    variant (in order): (name, path or plan, median us, relative error against float64 of
-    the first input set). A variant that raised while timed raises here, after the others."""
+    time, as the defaults were chosen; timing.time_interleaved with events above). Returns
+    (results, failed): per variant timed, in order, (name, path or plan, median us, relative
+    error against float64 of the first input set); and the first exception a variant raised
+    while timed, or None."""
     n = C.rotation_copies(case, cache_bytes, cap=64, mem_cap_bytes=8 << 30)
     impl = next(i for i in C.implementations(case, with_compile=False).impls if i.name == "eagle3")
     inputs = [C.make_inputs(case, seed=i) for i in range(n)]
