@@ -73,8 +73,8 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 # unusable) cannot take the other tests' results with it. When they fail,
 # bench/diagnose_wgmma.py shows where the wgmma kernel goes wrong (operand k orders,
 # token / feature order, scales) for the next session to read off the log.
-step tests-tc timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "(wgmma or tensor_cores) and not c2" \
-  || step diagnose timeout 40 $PY bench/diagnose_wgmma.py
+step tests-tc timeout 90 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "(wgmma or tensor_cores) and not c2" \
+  || { export EAGLE3_TUNE_NO_SPLIT_K=1; step diagnose timeout 40 $PY bench/diagnose_wgmma.py; }
 # the wgmma kernel in clusters of two (TMA multicast) in its own step;
 # if it fails, the tune leaves its variants out (a trap would end the tune's process)
 step tests-c2 timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "c2" \

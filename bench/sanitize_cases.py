@@ -70,9 +70,10 @@ def run(one: bool) -> int:
     # Every kernel path, each pass its switches on top of the defaults: the staged, two-pass
     # and register-resident norms (fused_add_rms_norm's with its weights loaded with the
     # row), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5 here; 32 and 64
-    # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only ones it takes),
-    # also in clusters of two, rms_norm_cat with one block per (row, chunk), and the norm
-    # weights staged with the rows (blocks of one and two vectors per thread).
+    # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only
+    # ones it takes), also with its k range split over clusters of three and in clusters of
+    # two, rms_norm_cat with one block per (row, chunk), and the norm weights staged with the
+    # rows (blocks of one and two vectors per thread).
     passes = (
         (dict(fc_decode_max_tokens=8), (False, True)),
         (dict(norm_stage_limit=0), (False, True)),
@@ -82,8 +83,9 @@ def run(one: bool) -> int:
         (dict(norm_split_chunks=1), (False, True)),
         (dict(norm_stage_weights=64, norm_vecs_per_thread=1), (False, True)),
         (dict(norm_split_chunks=1, norm_stage_weights=64, norm_vecs_per_thread=2), (True,)),
-        # last: the newest kernel, and a trap would end the process
         (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_cluster=2), (True,)),
+        # last: the newest kernel path, and a trap would end the process
+        (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_split_k=3), (True,)),
     )
     for switches, layouts in passes:
         with kernel_switches(**switches):

@@ -11,10 +11,12 @@ kernel (``_norm_registers(1)``; for fused_add_rms_norm also "registers+w", the w
 loaded with the row, and "registers v2" at T=16384). For the fc (``--parts fc``, T = 1..64,
 H = 4096, 5120, 7168): the defaults, the mma.sync kernel at any grid with 16, 32 or 64
 features per block ("mma f16" ...: ``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0)``,
-``_fc_mma_features``) and rms_norm_cat + cuBLAS. On Hopper (``--parts wgmma``), the wgmma
-kernel (128 or 256 features per block; "c2": clusters of two blocks multicasting the weight
-tiles) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
-(``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster``).
+``_fc_mma_features``), on Hopper from T=8 the wgmma kernel with its k range split over
+clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``), and rms_norm_cat +
+cuBLAS. On Hopper (``--parts wgmma``), the wgmma kernel (128 or 256 features per block;
+"c2": clusters of two blocks multicasting the weight tiles; "sk" at T=128) against
+rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192 (``_fc_wgmma_min_tokens`` /
+``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster`` / ``_fc_wgmma_split_k``).
 Each row names the path that served it (``_fc_last_path``; for the norm kernels the launch's
 plan, ``_norm_last_plan``: strategy, weights staged, threads per block), so a kernel that
 declined shows as such.
@@ -152,20 +154,24 @@ def _sweep(measure, parts) -> None:
             measure(case, [(name, dict(norm_stage_limit=limit, norm_registers=regs, norm_split_chunks=split,
                                        norm_stage_weights=stage_w, norm_vecs_per_thread=vecs))
                            for name, limit, regs, split, stage_w, vecs in variants])
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    # the wgmma kernel with its k range split over clusters (by size), unless gpu_check.sh's
+    # tests of it failed (a trap would end this process)
+    split_k = hopper and not os.environ.get("EAGLE3_TUNE_NO_SPLIT_K")
     for H in (4096, 5120, 7168) if "fc" in parts else ():
         for T in (1, 2, 4, 8, 16, 32, 64):
             case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
-            # (name, decode max tokens, mma max tokens, mma max waves, mma features): the
-            # defaults, the mma kernel at any grid with 16, 32 and 64 features per block (64
-            # declines T > 32), and the pair
-            variants = [("default", OPS._fc_decode_max_tokens(-1), OPS._fc_mma_max_tokens(-1),
-                         OPS._fc_mma_max_waves(-1), OPS._fc_mma_features(-1))]
+            # the defaults, the mma kernel at any grid with 16, 32 and 64 features per block
+            # (64 declines T > 32), from T=8 the wgmma kernel with its k range split, and the pair
+            variants = [("default", {})]
             if T >= 2:
-                variants += [(f"mma f{f}", 0, 64, 0, f) for f in (16, 32, 64) if f < 64 or T <= 32]
-            measure(case, [(name, dict(fc_decode_max_tokens=decode, fc_mma_max_tokens=mma, fc_mma_max_waves=waves,
-                                       fc_mma_features=features))
-                           for name, decode, mma, waves, features in variants + [("norm_cat+cuBLAS", 0, 0, 1, 0)]])
-    if "wgmma" not in parts or torch.cuda.get_device_capability()[0] != 9:
+                variants += [(f"mma f{f}", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=64, fc_mma_max_waves=0,
+                                                fc_mma_features=f)) for f in (16, 32, 64) if f < 64 or T <= 32]
+            if T >= 8 and split_k:
+                variants += [(f"wgmma-{bn} sk", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1,
+                                                     fc_wgmma_tile_n=bn, fc_wgmma_split_k=0)) for bn in (128, 256)]
+            measure(case, variants + [("norm_cat+cuBLAS", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0))])
+    if "wgmma" not in parts or not hopper:
         return
     # The grid a threshold needs (the first H100 run had the kernel ahead only at H=4096,
     # T >= 2048): BN=128 up to T=1024 (BN=256 leaves SMs idle there), BN=256 above.
@@ -178,8 +184,11 @@ def _sweep(measure, parts) -> None:
                 tiles = (("wgmma-128", 1, 128, 1), ("wgmma-256", 1, 256, 1))  # both, as in the first run
             if not os.environ.get("EAGLE3_TUNE_NO_CLUSTER"):  # set by gpu_check.sh when its tests failed
                 tiles += (("wgmma-128 c2", 1, 128, 2),) if T <= 1024 else (("wgmma-256 c2", 1, 256, 2),)
-            measure(case, [(name, dict(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile, fc_wgmma_cluster=cluster))
-                           for name, min_tokens, tile, cluster in tiles + (("norm_cat+cuBLAS", 0, 0, 1),)])
+            variants = [(name, dict(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile, fc_wgmma_cluster=cluster))
+                        for name, min_tokens, tile, cluster in tiles + (("norm_cat+cuBLAS", 0, 0, 1),)]
+            if T == 128 and split_k:  # the split k range: 2..4 blocks per tile at T=128
+                variants.insert(-1, ("wgmma-128 sk", dict(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=128, fc_wgmma_split_k=0)))
+            measure(case, variants)
 
 if __name__ == "__main__":
     main()

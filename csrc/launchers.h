@@ -75,6 +75,10 @@ int64_t fc_wgmma_tile_n(int64_t value);
 // Blocks per cluster of launch_fc_wgmma, multicasting their weight tiles: 1 (the default) or
 // 2; sets it and returns the previous value, -1 only queries.
 int64_t fc_wgmma_cluster(int64_t value);
+// Blocks per cluster of launch_fc_wgmma splitting each tile's k range, their partial sums
+// added through distributed shared memory: 1 (the default: no split), 2..8, or 0 to choose
+// by size; sets it and returns the previous value, -1 only queries.
+int64_t fc_wgmma_split_k(int64_t value);
 // The direct fc paths in order: the decode kernel, the mma.sync kernel, the wgmma kernel;
 // returns the name of the one that served the call, nullptr if none did.
 const char* launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);

@@ -77,6 +77,13 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_wgmma_cluster", value, value == 1 || value == 2, ", 1 or 2",
                            EAGLE3_CUDA_SETTER(fc_wgmma_cluster), 1);
   });
+  // Blocks per cluster of that kernel splitting each tile's k range (their partial sums added
+  // through distributed shared memory): 1 (the default: no split), 2..8, or 0 to choose by
+  // size; it takes precedence over _fc_wgmma_cluster.
+  m.def("_fc_wgmma_split_k(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_wgmma_split_k", value, value >= 0 && value <= 8, ", 0 (by size) or 1..8",
+                           EAGLE3_CUDA_SETTER(fc_wgmma_split_k), 1);
+  });
   // The path that served this thread's last rms_norm_cat_linear call: "decode", "mma",
   // "wgmma" (CUDA kernels that never write the normalised input), "pair" (normalised copy,
   // then one GEMM; the CPU path), or "none" (no rows). For tests and benchmarks.

@@ -932,17 +932,20 @@ def wgmma_expected(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-@pytest.fixture(params=[(128, 1), (256, 1), (128, 2), (256, 2)], ids=["bn128", "bn256", "bn128-c2", "bn256-c2"])
+@pytest.fixture(params=[(128, 1, 1), (256, 1, 1), (128, 2, 1), (256, 2, 1), (128, 1, 3), (256, 1, 0)],
+                ids=["bn128", "bn256", "bn128-c2", "bn256-c2", "bn128-sk3", "bn256-sk-by-size"])
 def wgmma_from_1(request, device):
     """Route every T through the fc's wgmma kernel (off by default), with
-    the decode and mma kernels off, the given features per block and blocks per cluster
-    (2: the weight tiles multicast); restores them all. CUDA only: on the CPU these calls
-    are the pair the other grids already cover."""
+    the decode and mma kernels off, the given features per block, blocks per cluster
+    (2: the weight tiles multicast) and split of the k range over a cluster (3; 0: by size,
+    8 for these few tiles on an H100, so most tests here leave some blocks no k-tile);
+    restores them all. CUDA only: on the CPU these calls are the pair the other grids
+    already cover."""
     if torch.device(device).type != "cuda":
         pytest.skip("the wgmma kernel is a CUDA path; the CPU takes the pair, covered above")
-    tile_n, cluster = request.param
+    tile_n, cluster, split_k = request.param
     with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=tile_n, fc_wgmma_cluster=cluster,
-                         fc_decode_max_tokens=0, fc_mma_max_tokens=0):
+                         fc_wgmma_split_k=split_k, fc_decode_max_tokens=0, fc_mma_max_tokens=0):
         yield request.param
 
 
@@ -1034,6 +1037,7 @@ SWITCH_ERRORS = {
     "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),
     "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
     "fc_wgmma_cluster": (0, "_fc_wgmma_cluster: value must be -1 (query), 1 or 2, got 0"),
+    "fc_wgmma_split_k": (9, "_fc_wgmma_split_k: value must be -1 (query), 0 (by size) or 1..8, got 9"),
 }
 
 

@@ -39,6 +39,7 @@
 #include <cuda.h>           // CUtensorMap and its enums; the encoder comes through the runtime
 #include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <map>
@@ -133,6 +134,17 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta)
   // to order, the wgmma group's shared-memory reads, is complete after wgmma.wait_group)
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
+// Four floats at `p`'s offset in the shared memory of CTA `cta` of the cluster.
+__device__ __forceinline__ float4 ld_cluster_f4(const float* p, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(cta));
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(remote)
+               : "memory");
+  return v;
+}
 // Every thread of every CTA of the cluster.
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
@@ -225,18 +237,29 @@ fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunk
 // of both blocks are done with it: one thread per consumer warpgroup arrives on the
 // `empty` barrier of each block of the cluster. A token tile past the last one (an odd
 // count) loads the last tile again and writes nothing.
+//
+// split_k > 1 (_fc_wgmma_split_k; CM = 1): clusters of split_k blocks on the same tile, block
+// r of the cluster taking the k-tiles [r num_kt / split_k, (r + 1) num_kt / split_k). Each
+// block's accumulators then hold the scaled partial sum of its k-tiles (the chunk rescaling
+// starts at the chunk of its first k-tile and ends with the scale of its last one); they go
+// to its shared memory (the stages are free by then), and after the cluster's barrier
+// block r adds up rows [r kBM / split_k, (r + 1) kBM / split_k) of every block's partial
+// sums through distributed shared memory and writes them. A block whose range is empty
+// (fewer k-tiles than blocks) contributes zeros.
 template <typename T, int BN, int CM>
 __global__ void __launch_bounds__(kThreads, 1)
 fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ XMaps xmaps,
                 const __grid_constant__ KTiles kt_of,
                 const float* __restrict__ scales,  // [T, num_chunks]; null for norm "none"
                 T* __restrict__ out,               // [T, N] contiguous
-                const int num_tokens, const int n_out, const int mode) {
+                const int num_tokens, const int n_out, const int mode, const int split_k) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int STAGES = stages_for(BN);
   constexpr int A_BYTES = kBM * kBK * 2, STAGE_BYTES = (kBM + BN) * kBK * 2;
   constexpr int kConsumerThreads = 256;
   constexpr int kGroupM = 8;  // token tiles per group of the tile order
+  constexpr int kPartLd = BN + 4;  // row stride (floats) of the split-k partial sums in shared memory
+  static_assert(kBM * kPartLd * 4 <= STAGES * STAGE_BYTES, "the partial sums fit over the stages");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* const smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint64_t* const full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES);
@@ -249,12 +272,16 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
   constexpr int kGroupC = kGroupM / CM;
   const int num_m = (num_tokens + kBM - 1) / kBM, num_n = (n_out + BN - 1) / BN;
   const int num_mc = (num_m + CM - 1) / CM;
-  const int cid = blockIdx.x / CM, rank = blockIdx.x % CM;
+  // split_k > 1: consecutive blocks (one cluster) share a tile and split its k-tiles
+  const int tile_block = blockIdx.x / split_k, k_rank = blockIdx.x % split_k;
+  const int cid = tile_block / CM, rank = tile_block % CM;
   const int group = cid / (kGroupC * num_n), in_group = cid % (kGroupC * num_n);
   const int first_c = group * kGroupC, group_c = min(kGroupC, num_mc - first_c);
   const int m0 = ((first_c + in_group % group_c) * CM + rank) * kBM, n0 = (in_group / group_c) * BN;
   const int m0_load = min(m0, (num_m - 1) * kBM);
   const int num_kt = kt_of.first[kt_of.num_chunks];
+  const int kt_begin = static_cast<int>(int64_t{k_rank} * num_kt / split_k);
+  const int kt_end = static_cast<int>(int64_t{k_rank + 1} * num_kt / split_k);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -273,9 +300,9 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (threadIdx.x == 0) {
       int c = 0;
-      for (int kt = 0; kt < num_kt; ++kt) {
-        const int s = kt % STAGES;
-        mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);  // round 0 passes at once
+      for (int kt = kt_begin; kt < kt_end; ++kt) {
+        const int i = kt - kt_begin, s = i % STAGES;
+        mbar_wait(&empty[s], ((i / STAGES) & 1) ^ 1);  // round 0 passes at once
         while (kt >= kt_of.first[c + 1]) ++c;
         uint8_t* const a = smem + s * STAGE_BYTES;
         mbar_arrive_expect_tx(&full[s], STAGE_BYTES);  // out-of-bounds rows are zero-filled and still counted
@@ -298,9 +325,10 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
-    int c = 0;
-    for (int kt = 0; kt < num_kt; ++kt) {
-      const int s = kt % STAGES;
+    int c = 0;  // the chunk of the k-tile being multiplied
+    while (c + 1 < K && kt_begin >= kt_of.first[c + 1]) ++c;
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
+      const int i = kt - kt_begin, s = i % STAGES;
       if (kt == kt_of.first[c + 1]) {  // chunk c + 1 begins
         ++c;
         if (mode == static_cast<int>(NormMode::kChunk)) {
@@ -311,7 +339,7 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
           scale_rows(acc, lo, hi);
         }
       }
-      mbar_wait(&full[s], (kt / STAGES) & 1);
+      mbar_wait(&full[s], (i / STAGES) & 1);
       const uint8_t* const a = smem + s * STAGE_BYTES + cw * 64 * (kBK * 2);
       const uint8_t* const b = smem + s * STAGE_BYTES + A_BYTES;
       wgmma_fence();
@@ -321,11 +349,11 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
       wgmma_commit();
       wgmma_wait<1>();  // the group of k-tile kt - 1 is complete: its stage can be refilled
       fence_acc(acc);
-      if (kt > 0) {
+      if (i > 0) {
         if constexpr (CM == 1) {
-          mbar_arrive(&empty[(kt - 1) % STAGES]);
+          mbar_arrive(&empty[(i - 1) % STAGES]);
         } else if (tid % 32 == 0 && warp < CM) {  // warp r's first thread: block r of the cluster
-          mbar_arrive_cluster(&empty[(kt - 1) % STAGES], static_cast<uint32_t>(warp));
+          mbar_arrive_cluster(&empty[(i - 1) % STAGES], static_cast<uint32_t>(warp));
         }
       }
     }
@@ -333,28 +361,68 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
     fence_acc(acc);
 
     if (mode != static_cast<int>(NormMode::kNone)) {
-      const int last = mode == static_cast<int>(NormMode::kChunk) ? K - 1 : 0;
+      const int last = mode == static_cast<int>(NormMode::kChunk) ? c : 0;  // (the last k-tile's chunk)
       scale_rows(acc, lo_ok ? scales[int64_t{row_lo} * K + last] : 0.f, hi_ok ? scales[int64_t{row_hi} * K + last] : 0.f);
     }
-    const int col0 = n0 + 2 * (lane % 4);
-    const bool pairs = n_out % 2 == 0;  // 4-byte aligned pairs of outputs
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = h ? row_hi : row_lo;
-      if (!(h ? hi_ok : lo_ok)) continue;
-      T* const orow = out + int64_t{row} * n_out;
+    if (split_k > 1) {
+      // This block's partial sums into its shared memory, over the stages: first both
+      // consumer warpgroups' last wgmma groups (which read the stages) are complete.
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+      float* const part = reinterpret_cast<float*>(smem);  // [kBM][kPartLd]
+      const int r_lo = 64 * cw + 16 * warp + lane / 4;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
-        const int col = col0 + 8 * j;
-        const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-        if (pairs && col + 1 < n_out) {
-          *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(v0, v1);
-        } else {
-          if (col < n_out) orow[col] = from_float<T>(v0);
-          if (col + 1 < n_out) orow[col + 1] = from_float<T>(v1);
+        const int col = 8 * j + 2 * (lane % 4);
+        *reinterpret_cast<float2*>(part + r_lo * kPartLd + col) = make_float2(acc[4 * j], acc[4 * j + 1]);
+        *reinterpret_cast<float2*>(part + (r_lo + 8) * kPartLd + col) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+      }
+    } else {
+      const int col0 = n0 + 2 * (lane % 4);
+      const bool pairs = n_out % 2 == 0;  // 4-byte aligned pairs of outputs
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = h ? row_hi : row_lo;
+        if (!(h ? hi_ok : lo_ok)) continue;
+        T* const orow = out + int64_t{row} * n_out;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int col = col0 + 8 * j;
+          const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+          if (pairs && col + 1 < n_out) {
+            *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(v0, v1);
+          } else {
+            if (col < n_out) orow[col] = from_float<T>(v0);
+            if (col + 1 < n_out) orow[col + 1] = from_float<T>(v1);
+          }
         }
       }
     }
+  }
+  if (split_k > 1) {
+    cluster_sync();  // every block's partial sums are in its shared memory
+    if (wg > 0) {    // the consumer threads add up this block's rows of every block's sums
+      const float* const part = reinterpret_cast<const float*>(smem);
+      const int r0 = k_rank * kBM / split_k, r1 = (k_rank + 1) * kBM / split_k;
+      const bool quads = n_out % 4 == 0;  // 8-byte aligned groups of four outputs
+      for (int idx = threadIdx.x - 128; idx < (r1 - r0) * (BN / 4); idx += kConsumerThreads) {
+        const int row = r0 + idx / (BN / 4), col = 4 * (idx % (BN / 4));
+        const int g_row = m0 + row, g_col = n0 + col;
+        if (g_row >= num_tokens || g_col >= n_out) continue;
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int p = 0; p < split_k; ++p) {
+          const float4 v = ld_cluster_f4(part + row * kPartLd + col, static_cast<uint32_t>(p));
+          sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+        }
+        T* const o = out + int64_t{g_row} * n_out + g_col;
+        if (quads && g_col + 3 < n_out) {
+          *reinterpret_cast<uint2*>(o) = make_uint2(pack2<T>(sum.x, sum.y), pack2<T>(sum.z, sum.w));
+        } else {
+          const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+          for (int e = 0; e < 4 && g_col + e < n_out; ++e) o[e] = from_float<T>(v[e]);
+        }
+      }
+    }
+    cluster_sync();  // no block leaves while the others read its shared memory
   }
   // No block leaves while the other may still multicast into it or arrive on its barriers.
   if constexpr (CM > 1) cluster_sync();
@@ -403,6 +471,15 @@ std::atomic<int64_t> g_wgmma_tile_n{0};
 // 2 cut that case from 8143 to 7677 us (the pair: 7563); at T >= 2048 it was 0.94-1.06x
 // of 1's time, at T=128 1.04-1.30x.
 std::atomic<int64_t> g_wgmma_cluster{1};
+
+// Blocks per cluster splitting each tile's k-tiles (fc_wgmma_kernel's split_k): 1 (the
+// default: no split), 2..8, or 0 to choose by size (as many as keep the blocks within one
+// per multiprocessor: at T <= 128 and BN = 128, 4 for N=4096, 3 for 5120, 2 for 7168). For
+// the decode sizes, where a 128-token tile leaves too few tiles to stream the weight from
+// every multiprocessor (T=128, H=4096: 32 tiles of 128 features; 76.9 us against 49.3 for
+// the pair in 80ab0d87a9d7-tune.json). Not yet run on a GPU; bench.tune times it.
+std::atomic<int64_t> g_wgmma_split_k{1};
+constexpr int64_t kMaxSplitK = 8;  // the portable cluster size
 
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
 
@@ -465,7 +542,10 @@ bool wgmma_runs_here(const void* kernel, int device) {
 }
 
 template <typename T, int BN, int CM>
-bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out,
+                 int64_t split_k) {
+  static_assert(CM == 1 || CM == 2, "clusters of one or two blocks along the tokens");
+  if (CM > 1 && split_k > 1) return false;  // one kind of cluster at a time (the caller picks)
   const auto kernel = fc_wgmma_kernel<T, BN, CM>;
   const int device = weight.get_device();
   const c10::cuda::CUDAGuard guard(weight.device());
@@ -494,12 +574,14 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
   const at::Tensor scales = fc_row_scales(tab, c, eps, mode, weight, stream);
   configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
   const int64_t token_tiles = ((T_ + kBM - 1) / kBM + CM - 1) / CM * CM;  // whole clusters
-  const int64_t blocks = token_tiles * ((N + BN - 1) / BN);
+  const int64_t tiles_mn = token_tiles * ((N + BN - 1) / BN);
+  if (split_k == 0) split_k = std::clamp<int64_t>(sm_count(device) / tiles_mn, 1, kMaxSplitK);  // by size
+  const int64_t blocks = tiles_mn * split_k;
   const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
-  if constexpr (CM == 1) {
+  if (CM == 1 && split_k == 1) {
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes_for(BN), stream>>>(
         wmap, xmaps, tiles, scales_ptr, static_cast<T*>(out.data_ptr()), static_cast<int>(T_), static_cast<int>(N),
-        static_cast<int>(mode));
+        static_cast<int>(mode), 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     cudaLaunchConfig_t cfg{};
@@ -509,13 +591,14 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = CM;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(CM * split_k);  // one of the two is 1
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, wmap, xmaps, tiles, scales_ptr, static_cast<T*>(out.data_ptr()),
-                                      static_cast<int>(T_), static_cast<int>(N), static_cast<int>(mode)));
+                                      static_cast<int>(T_), static_cast<int>(N), static_cast<int>(mode),
+                                      static_cast<int>(split_k)));
   }
   return true;
 }
@@ -527,10 +610,16 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
     const int64_t tiles256 = ((c.num_rows + kBM - 1) / kBM) * ((weight.size(0) + 255) / 256);
     bn = tiles256 >= sm_count(weight.get_device()) ? 256 : 128;
   }
+  // Split k (the switch's 0: by size, 1: no split) takes precedence over the multicast pairs.
+  const int64_t split = g_wgmma_split_k.load(std::memory_order_relaxed);
+  if (split != 1)
+    return bn == 256 ? launch_tile<T, 256, 1>(c, weight, eps, mode, out, split)
+                     : launch_tile<T, 128, 1>(c, weight, eps, mode, out, split);
   if (g_wgmma_cluster.load(std::memory_order_relaxed) == 2)
-    return bn == 256 ? launch_tile<T, 256, 2>(c, weight, eps, mode, out)
-                     : launch_tile<T, 128, 2>(c, weight, eps, mode, out);
-  return bn == 256 ? launch_tile<T, 256, 1>(c, weight, eps, mode, out) : launch_tile<T, 128, 1>(c, weight, eps, mode, out);
+    return bn == 256 ? launch_tile<T, 256, 2>(c, weight, eps, mode, out, 1)
+                     : launch_tile<T, 128, 2>(c, weight, eps, mode, out, 1);
+  return bn == 256 ? launch_tile<T, 256, 1>(c, weight, eps, mode, out, 1)
+                   : launch_tile<T, 128, 1>(c, weight, eps, mode, out, 1);
 }
 
 }  // namespace
@@ -563,6 +652,11 @@ int64_t fc_wgmma_min_tokens(int64_t value) {
 int64_t fc_wgmma_cluster(int64_t value) {
   if (value < 0) return g_wgmma_cluster.load();
   return g_wgmma_cluster.exchange(value);
+}
+
+int64_t fc_wgmma_split_k(int64_t value) {
+  if (value < 0) return g_wgmma_split_k.load();
+  return g_wgmma_split_k.exchange(value);
 }
 
 int64_t fc_wgmma_tile_n(int64_t value) {
