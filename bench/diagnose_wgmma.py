@@ -13,7 +13,9 @@ wrong output says which element it read instead:
   the token and feature order (accumulator layout, tile origins, stores).
 
 Each mapping prints "identity" or its first entries; then norm "chunk" and "shared" on a
-correct GEMM isolate the scale logic. Exit status 1 when anything is wrong.
+correct GEMM isolate the scale logic. BN = 128 and 256, then BN = 128 with each tile's k range
+split over clusters of three blocks (whose partial sums, exact for these integers, are added
+through distributed shared memory). Exit status 1 when anything is wrong.
 """
 
 from __future__ import annotations
@@ -52,16 +54,16 @@ def _report(name: str, mapping: list) -> bool:
     return ok
 
 
-def diagnose(bn: int) -> bool:
-    with kernel_switches(fc_wgmma_tile_n=bn):
-        return _diagnose(bn)
+def diagnose(bn: int, split_k: int = 1) -> bool:
+    with kernel_switches(fc_wgmma_tile_n=bn, fc_wgmma_split_k=split_k):
+        return _diagnose(bn, split_k)
 
 
-def _diagnose(bn: int) -> bool:
+def _diagnose(bn: int, split_k: int) -> bool:
     g = torch.Generator(device=DEV).manual_seed(0)
     ints = lambda *shape: torch.randint(-3, 4, shape, device=DEV, generator=g).to(BF)  # noqa: E731
     ok = True
-    print(f"== BN = {bn}")
+    print(f"== BN = {bn}, k range split over {split_k} block(s) per tile")
     # A's k order: x one-hot
     T = N = 64
     x = torch.zeros(T, 64, device=DEV, dtype=BF)
@@ -109,7 +111,8 @@ def main() -> int:
         print("diagnose_wgmma: not a Hopper card")
         return 0
     with kernel_switches(fc_wgmma_min_tokens=1, fc_decode_max_tokens=0, fc_mma_max_tokens=0):
-        ok = all([diagnose(128), diagnose(256)])
+        # (a list: every configuration runs and prints, whatever the first ones found)
+        ok = all([diagnose(128), diagnose(256), diagnose(128, 3)])
     print("diagnose_wgmma:", "all correct" if ok else "WRONG")
     return 0 if ok else 1
 
