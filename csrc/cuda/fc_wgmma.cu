@@ -26,6 +26,10 @@
 //       run together share their weight tiles in L2.
 //     - With _fc_wgmma_cluster(2) (off by default), two blocks on consecutive token
 //       tiles form a cluster and each loads half of the weight tile, multicast to both.
+//     - With _fc_wgmma_split_k(n) (off by default; for T <= 128, where one token tile
+//       leaves a block per 128 features), a cluster of n blocks shares each tile, each
+//       taking 1/n of its k-tiles; their partial sums are added through distributed
+//       shared memory (details at the kernel).
 //
 // Numerics: the scale multiplies fp32 partial sums of the raw inputs (the identity of
 // DESIGN.md section 2, item 3) instead of rounding x * s to the input dtype first as
