@@ -6,6 +6,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <atomic>
+
 namespace eagle3 {
 namespace {
 
@@ -47,6 +49,27 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_impl(const Backend& b, con
   return {normed, sum};
 }
 
+std::atomic<bool> g_fc_adjacent_gemm{true};
+
+// The matrix that chunks of consecutive columns of one row-major matrix tile (the serving
+// layout: list(aux.chunk(K, -1)) of a [T, K*H] tensor) as a [T, sum H_k] view of their
+// storage, or an undefined tensor when they do not: each chunk must be a view of the first
+// one's storage starting at its column offset from the first, all with one row stride of
+// at least the total width (rows that do not overlap).
+at::Tensor adjacent_chunks(const ChunkRows& c) {
+  const at::Tensor& x0 = c.rows[0];
+  const int64_t stride = x0.stride(0), item = static_cast<int64_t>(x0.element_size());
+  const bool one_row = c.num_rows == 1;
+  if (!one_row && stride < c.total_width) return {};
+  const char* const base = static_cast<const char*>(x0.data_ptr());
+  for (size_t k = 0; k < c.rows.size(); ++k) {
+    const at::Tensor& x = c.rows[k];
+    if (!x.is_alias_of(x0) || (!one_row && x.stride(0) != stride)) return {};
+    if (static_cast<const char*>(x.data_ptr()) != base + c.offsets[k] * item) return {};
+  }
+  return x0.as_strided({c.num_rows, c.total_width}, {one_row ? c.total_width : stride, 1});
+}
+
 at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tensor>& xs, const at::Tensor& weight,
                                     double eps, const std::string& norm) {
   const char* op = "rms_norm_cat_linear";
@@ -59,8 +82,26 @@ at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tens
   at::Tensor out = at::empty({c.num_rows, weight.size(0)}, c.rows[0].options());
   t_last_fc_path = "none";
   if (c.num_rows == 0) return out.view(out_shape);
-  if (const char* path = b.fc_direct ? b.fc_direct(c, weight, static_cast<float>(eps), mode, out) : nullptr) {
+  // Norm "none" over chunks that tile one matrix: the concatenation already exists, and the
+  // op is that matrix times weight^T, the GEMM F.linear runs, with nothing to copy. From
+  // T = 2 it takes precedence over the CUDA kernels (the mma kernel ran at 0.97-0.99x of
+  // F.linear at T = 2..8 in the db66db7 benchmark); at T = 1 the decode kernel goes first
+  // (1.02-1.06x of F.linear there).
+  const at::Tensor whole = mode == NormMode::kNone && g_fc_adjacent_gemm.load(std::memory_order_relaxed)
+                               ? adjacent_chunks(c) : at::Tensor();
+  const char* path = nullptr;
+  if (!whole.defined() || c.num_rows == 1)
+    path = b.fc_direct ? b.fc_direct(c, weight, static_cast<float>(eps), mode, out) : nullptr;
+  if (path) {
     t_last_fc_path = path;
+    return out.view(out_shape);
+  }
+  // Below autograd: this op has no derivative formula, and the GEMM must not record one
+  // (nor refuse out= because an argument requires grad).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (whole.defined()) {
+    t_last_fc_path = "gemm";
+    at::mm_out(out, whole, weight.t());
     return out.view(out_shape);
   }
   t_last_fc_path = "pair";
@@ -68,9 +109,6 @@ at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tens
   at::Tensor xn = at::empty({c.num_rows, c.total_width}, c.rows[0].options());
   start_norm_plan(b, c.num_rows);
   b.norm_cat(c, {}, static_cast<float>(eps), mode, xn);
-  // Below autograd: this op has no derivative formula, and the GEMM must not record one
-  // (nor refuse out= because an argument requires grad).
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::mm_out(out, xn, weight.t());
   return out.view(out_shape);
 }
@@ -111,6 +149,11 @@ at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at:
 #endif
 
 std::string fc_last_path() { return t_last_fc_path; }
+
+int64_t fc_adjacent_gemm(int64_t value) {
+  if (value < 0) return g_fc_adjacent_gemm.load() ? 1 : 0;
+  return g_fc_adjacent_gemm.exchange(value != 0) ? 1 : 0;
+}
 
 void set_norm_last_plan(const NormPlan& plan) { t_last_norm_plan = plan; }
 

@@ -38,9 +38,15 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, 
 at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
                                     const std::string& norm);
 #endif
-// The _fc_last_path op: "decode", "mma", "wgmma" or "pair" (normalised copy + GEMM), the
-// path of this thread's last rms_norm_cat_linear call ("none" when it had no rows).
+// The _fc_last_path op: "decode", "mma", "wgmma", "gemm" (norm "none" over adjacent chunks:
+// one GEMM on the matrix they tile) or "pair" (normalised copy + GEMM), the path of this
+// thread's last rms_norm_cat_linear call ("none" when it had no rows).
 std::string fc_last_path();
+// The _fc_adjacent_gemm switch (1, the default: rms_norm_cat_linear with norm "none" over
+// chunks that are consecutive column ranges of one row-major matrix runs one GEMM on that
+// matrix; 0: the CUDA fc kernels or the pair serve it); sets it and returns the previous
+// value, -1 only queries.
+int64_t fc_adjacent_gemm(int64_t value);
 // The _norm_last_plan op: this thread's last norm launch as "<strategy>[+split][+w] <threads>"
 // (e.g. "staged+w 128"), "cpu", or "none" when it had no rows.
 std::string norm_last_plan();

@@ -84,9 +84,17 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_wgmma_split_k", value, value >= 0 && value <= 8, ", 0 (by size) or 1..8",
                            EAGLE3_CUDA_SETTER(fc_wgmma_split_k), 1);
   });
+  // rms_norm_cat_linear with norm "none" over chunks that are consecutive column ranges of
+  // one row-major matrix: 1 (the default) runs one GEMM on that matrix (CPU and CUDA
+  // builds), 0 leaves such calls to the fc kernels and the pair.
+  m.def("_fc_adjacent_gemm(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_adjacent_gemm", value, value == 0 || value == 1, ", 0 or 1",
+                           &eagle3::fc_adjacent_gemm);
+  });
   // The path that served this thread's last rms_norm_cat_linear call: "decode", "mma",
-  // "wgmma" (CUDA kernels that never write the normalised input), "pair" (normalised copy,
-  // then one GEMM; the CPU path), or "none" (no rows). For tests and benchmarks.
+  // "wgmma" (CUDA kernels that never write the normalised input), "gemm" (norm "none" over
+  // adjacent chunks: one GEMM on the matrix they tile), "pair" (normalised copy, then one
+  // GEMM; the CPU path otherwise), or "none" (no rows). For tests and benchmarks.
   m.def("_fc_last_path() -> str", []() -> std::string { return eagle3::fc_last_path(); });
   // This thread's last rms_norm_cat / fused_add_rms_norm launch (also the fc pair's norm):
   // "<strategy>[+split][+w] <threads>" on CUDA (strategy "staged", "two-pass" or

@@ -193,7 +193,8 @@ def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, cluster, 
     kernel only on Hopper."""
     if path == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma kernel needs a compute capability 9.x card")
-    with kernel_switches(**{switch: 64 if path == "mma" else 1}, fc_wgmma_cluster=cluster, fc_wgmma_split_k=split_k):
+    with kernel_switches(**{switch: 64 if path == "mma" else 1}, fc_wgmma_cluster=cluster, fc_wgmma_split_k=split_k,
+                         fc_adjacent_gemm=0):
         rng = Rng(seed, DEV)
         xs, bases = make_chunks(rng, "split", T, [1024] * 3, BF)
         W = rng.linear_weight(1000, 3 * 1024, BF)

@@ -96,16 +96,56 @@ def check_fused_add(device, x, r, bases, weight, eps, what=""):
     return normed, summed
 
 
+def tiles_one_matrix(xs) -> bool:
+    """Whether the op sees xs (leading dimensions merged) as consecutive column ranges of one
+    row-major matrix: views of one storage, each starting where the previous one's columns
+    end, with one row stride of at least the total width (ops.cpp, adjacent_chunks)."""
+    rows = []
+    for x in xs:
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            return False  # the op copies it
+        try:
+            rows.append(x.view(-1, x.shape[-1]))
+        except RuntimeError:
+            return False  # leading dimensions that do not merge: copied
+    r0 = rows[0]
+    n, total = r0.shape[0], sum(r.shape[1] for r in rows)
+    if n > 1 and r0.stride(0) < total:
+        return False
+    off = 0
+    for r in rows:
+        if r.untyped_storage().data_ptr() != r0.untyped_storage().data_ptr():
+            return False
+        if (n > 1 and r.stride(0) != r0.stride(0)) or r.data_ptr() != r0.data_ptr() + off * r.element_size():
+            return False
+        off += r.shape[1]
+    return True
+
+
+def expected_fc_path(device, xs, norm, path) -> str:
+    """The path a call asked to take `path` ("decode", "mma", "wgmma", "pair") takes: norm
+    "none" over chunks that tile one matrix runs one GEMM on it ("gemm", with
+    _fc_adjacent_gemm on) from two rows on, and at one row where no CUDA kernel takes it;
+    otherwise `path` on CUDA, "pair" on the CPU."""
+    cuda = torch.device(device).type == "cuda"
+    rows = xs[0].numel() // max(xs[0].shape[-1], 1)
+    if norm == "none" and torch.ops.eagle3._fc_adjacent_gemm(-1) == 1 and tiles_one_matrix(xs):
+        if rows > 1 or not cuda or path == "pair":
+            return "gemm"
+    return path if cuda else "pair"
+
+
 def check_linear(device, xs, bases, weight, eps, norm, lead, what="", path=None):
     """path: the CUDA path this call must take ("decode", "mma", "wgmma", "pair"), asserted
     through _fc_last_path, so a kernel under test cannot silently hand over to another
-    path; the CPU kernels always take "pair"."""
+    path; the CPU kernels take "pair"; norm "none" over chunks that tile one matrix takes
+    "gemm" (expected_fc_path)."""
     dtype = xs[0].dtype
     shape = (*lead, weight.shape[0])
     snap = snapshot(list(bases) + [weight])
     out = run_poisoned(device, lambda: eagle3_ops.rms_norm_cat_linear(xs, weight, eps, norm), [nbytes(shape, dtype)])
     if path is not None:
-        expected = path if torch.device(device).type == "cuda" else "pair"
+        expected = expected_fc_path(device, xs, norm, path)
         assert torch.ops.eagle3._fc_last_path() == expected, (torch.ops.eagle3._fc_last_path(), expected)
     assert_output(out, shape, dtype, device, what)
     assert_no_alias([out], bases)
@@ -366,11 +406,76 @@ def test_rms_norm_cat_linear_large(device, seed, dtype, T, N, norm):
     check_linear(device, xs, bases, w, EPS, norm, (T,))
 
 
+# Chunks for the norm-"none" GEMM shortcut: (layout, whether they tile one matrix).
+ADJACENT_CASES = {"split": True, "3d": True, "padded-base": True, "reversed": False, "gap": False,
+                  "separate": False, "overlapping-rows": False}
+
+
+def adjacent_case(rng, case, T, widths, dtype):
+    """(xs, bases, lead) for ADJACENT_CASES."""
+    total = sum(widths)
+    if case in ("split", "separate"):
+        xs, bases = make_chunks(rng, "split" if case == "split" else "contig", T, widths, dtype)
+        return xs, bases, (T,)
+    if case == "3d":
+        xs, bases = make_chunks(rng, "3d", T, widths, dtype)
+        return xs, bases, (2, T)
+    if case == "padded-base":  # a column slice of a wider tensor: row stride total + 24
+        big = rng.randn((T, total + 40), dtype)
+        return list(torch.split(big[:, 16:16 + total], widths, dim=-1)), [big], (T,)
+    if case == "reversed":  # the chunks of one tensor, passed in the other order
+        big = rng.randn((T, total), dtype)
+        parts = list(torch.split(big, widths[::-1], dim=-1))
+        return parts[::-1], [big], (T,)
+    if case == "gap":  # 8 unused columns between the chunks
+        big = rng.randn((T, total + 8 * len(widths)), dtype)
+        xs, off = [], 0
+        for h in widths:
+            xs.append(big[:, off:off + h])
+            off += h + 8
+        return xs, [big], (T,)
+    # overlapping-rows: a row stride smaller than the total width (rows share columns)
+    flat = rng.randn((T * 64 + total,), dtype)
+    base = flat.as_strided((T, total), (64, 1))
+    return list(torch.split(base, widths, dim=-1)), [flat], (T,)
+
+
+@pytest.mark.parametrize("switch", [1, 0], ids=["on", "off"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("case", list(ADJACENT_CASES))
+@pytest.mark.parametrize("T", [1, 2, 65])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cat_linear_adjacent_gemm(device, seed, dtype, T, case, norm, switch):
+    """Norm "none" over chunks that are consecutive column ranges of one row-major matrix is
+    one GEMM on that matrix ("gemm": F.linear's own call, nothing copied), also under a
+    padded row stride and mergeable leading dimensions; from two rows on ahead of the CUDA
+    kernels, at one row after them (the decode kernel takes it where it can). Chunks out of
+    order, with gaps, in separate tensors or with overlapping rows, the per-chunk and shared
+    norms, and the switch at 0 take the other paths; every result matches the reference."""
+    rng = Rng(seed, device)
+    widths = [64, 128, 64]
+    xs, bases, lead = adjacent_case(rng, case, T, widths, dtype)
+    adjacent = ADJACENT_CASES[case] or (case == "overlapping-rows" and T == 1)  # (one row overlaps nothing)
+    assert tiles_one_matrix(xs) == adjacent, case
+    w = rng.linear_weight(40, sum(widths), dtype)
+    with kernel_switches(fc_adjacent_gemm=switch):
+        check_linear(device, xs, bases, w, EPS, norm, lead)
+        got = torch.ops.eagle3._fc_last_path()
+    rows = xs[0].numel() // xs[0].shape[-1]
+    cuda = torch.device(device).type == "cuda"
+    if switch and norm == "none" and adjacent:
+        # at one row the CUDA decode / mma kernels go first (bf16 / fp16 / fp32 aligned rows)
+        assert got == "gemm" or (cuda and rows == 1 and got in ("decode", "mma")), got
+    else:
+        assert got != "gemm" and (cuda or got == "pair"), got
+
+
 @pytest.fixture
 def decode_up_to_8():
-    """Route T <= 8 through the fc's CUDA decode kernel (by default it serves T = 1 only);
-    restores the previous setting. A no-op for the CPU kernels."""
-    with kernel_switches(fc_decode_max_tokens=8):
+    """Route T <= 8 through the fc's CUDA decode kernel (by default it serves T = 1 only),
+    norm "none" on views of one tensor too (_fc_adjacent_gemm off); restores the previous
+    settings. On the CPU build only the latter applies."""
+    with kernel_switches(fc_decode_max_tokens=8, fc_adjacent_gemm=0):
         assert torch.ops.eagle3._fc_decode_max_tokens(-1) == 8
         yield
 
@@ -825,9 +930,10 @@ def test_strategy_switches_validate_their_argument():
 @pytest.fixture
 def mma_up_to_64():
     """Route 2 <= T <= 64 through the fc's CUDA tensor-core kernel (by default it serves
-    T <= 8 in one wave of blocks), at any N; restores the previous settings. A no-op for the
-    CPU kernels."""
-    with kernel_switches(fc_mma_max_tokens=64, fc_mma_max_waves=0):
+    T <= 8 in one wave of blocks), at any N, norm "none" on views of one tensor too
+    (_fc_adjacent_gemm off); restores the previous settings. On the CPU build only the
+    latter applies."""
+    with kernel_switches(fc_mma_max_tokens=64, fc_mma_max_waves=0, fc_adjacent_gemm=0):
         assert torch.ops.eagle3._fc_mma_max_tokens(-1) == (64 if eagle3_ops.has_cuda_kernels() else 0)
         yield
 
@@ -938,14 +1044,15 @@ def wgmma_from_1(request, device):
     """Route every T through the fc's wgmma kernel (off by default), with
     the decode and mma kernels off, the given features per block, blocks per cluster
     (2: the weight tiles multicast) and split of the k range over a cluster (3; 0: by size,
-    8 for these few tiles on an H100, so most tests here leave some blocks no k-tile);
-    restores them all. CUDA only: on the CPU these calls are the pair the other grids
+    8 for these few tiles on an H100, so most tests here leave some blocks no k-tile), norm
+    "none" on views of one tensor too (_fc_adjacent_gemm off); restores them all. CUDA only: on the CPU these calls are the pair the other grids
     already cover."""
     if torch.device(device).type != "cuda":
         pytest.skip("the wgmma kernel is a CUDA path; the CPU takes the pair, covered above")
     tile_n, cluster, split_k = request.param
     with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=tile_n, fc_wgmma_cluster=cluster,
-                         fc_wgmma_split_k=split_k, fc_decode_max_tokens=0, fc_mma_max_tokens=0):
+                         fc_wgmma_split_k=split_k, fc_decode_max_tokens=0, fc_mma_max_tokens=0,
+                         fc_adjacent_gemm=0):
         yield request.param
 
 
@@ -1038,6 +1145,7 @@ SWITCH_ERRORS = {
     "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
     "fc_wgmma_cluster": (0, "_fc_wgmma_cluster: value must be -1 (query), 1 or 2, got 0"),
     "fc_wgmma_split_k": (9, "_fc_wgmma_split_k: value must be -1 (query), 0 (by size) or 1..8, got 9"),
+    "fc_adjacent_gemm": (2, "_fc_adjacent_gemm: value must be -1 (query), 0 or 1, got 2"),
 }
 
 
