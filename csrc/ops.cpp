@@ -82,6 +82,9 @@ at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tens
   at::Tensor out = at::empty({c.num_rows, weight.size(0)}, c.rows[0].options());
   t_last_fc_path = "none";
   if (c.num_rows == 0) return out.view(out_shape);
+  // Below autograd: this op has no derivative formula; the view of the chunks' matrix and
+  // the GEMM must not record one (nor refuse out= because an argument requires grad).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   // Norm "none" over chunks that tile one matrix: the concatenation already exists, and the
   // op is that matrix times weight^T, the GEMM F.linear runs, with nothing to copy. From
   // T = 2 it takes precedence over the CUDA kernels (the mma kernel ran at 0.97-0.99x of
@@ -96,9 +99,6 @@ at::Tensor rms_norm_cat_linear_impl(const Backend& b, const std::vector<at::Tens
     t_last_fc_path = path;
     return out.view(out_shape);
   }
-  // Below autograd: this op has no derivative formula, and the GEMM must not record one
-  // (nor refuse out= because an argument requires grad).
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (whole.defined()) {
     t_last_fc_path = "gemm";
     at::mm_out(out, whole, weight.t());
