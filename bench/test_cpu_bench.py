@@ -81,11 +81,15 @@ def test_cpu_speedup(op, dtype):
     n_rot = C.rotation_copies(case, cache, cap=4, mem_cap_bytes=1 << 30)
     inputs = [C.make_inputs(case, seed=i) for i in range(n_rot)]
     budget = timing.Budget(seconds=0.0, min_reps=9, max_reps=9, min_sample_s=0.0)
-    med = {}
+    call_sets = {}
     for name in ("eagle3", "eager"):
         impl = _impl(case, name)
-        calls = [_checked_call(case, impl, inputs[0])] + [impl.prepare(i) for i in inputs[1:]]
-        med[name] = timing.time_host(calls, budget).median_us
+        call_sets[name] = [_checked_call(case, impl, inputs[0])] + [impl.prepare(i) for i in inputs[1:]]
+    med = {}
+    for name, st in timing.time_interleaved(call_sets, budget, "cpu").items():  # timed together, in turns
+        if isinstance(st, Exception):
+            raise st
+        med[name] = st.median_us
     ratio = med["eager"] / med["eagle3"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{case.label}: eagle3 {med['eagle3']:.0f} us, eager {med['eager']:.0f} us, {ratio:.2f}x "

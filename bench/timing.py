@@ -6,10 +6,11 @@ them round-robin; only those calls run between the clock reads. A sample is a ba
 back-to-back calls (enough to last ``min_sample_s``); the reported figures are the median
 and the 20th / 80th percentiles of the per-call time over the samples.
 
-The benchmark times the implementations of one case together (:func:`time_interleaved`,
-:func:`time_graphs_interleaved`): each takes its samples in several turns, in rotating
-order, so a drift of the card's clocks or power state while the case runs reaches every
-implementation alike instead of whichever was timed last.
+The implementations of one case are timed together (:func:`time_interleaved`,
+:func:`time_graphs_interleaved`; one alone through :func:`time_calls`): each takes its
+samples in several turns, in rotating order, so a drift of the card's clocks or power
+state while the case runs reaches every implementation alike instead of whichever was
+timed last.
 """
 
 from __future__ import annotations
@@ -76,93 +77,8 @@ class _RoundRobin:
             self.i += 1
 
 
-# ---- CPU ----------------------------------------------------------------------------------
-
-
-def time_host(calls: Sequence[Call], budget: Budget) -> Stats:
-    """time.perf_counter around batches of calls (CPU work: the calls are synchronous)."""
-    rr = _RoundRobin(calls)
-    t0 = time.perf_counter()
-    rr.run(len(calls))  # warm-up: one pass over every input set
-    t_est = (time.perf_counter() - t0) / len(calls)
-    batch = max(1, math.ceil(budget.min_sample_s / max(t_est, 1e-9)))
-    reps = budget.reps_for(batch * t_est)
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        rr.run(batch)
-        samples.append((time.perf_counter() - t) / batch)
-    return summarize(samples, batch)
-
-
-# ---- CUDA ---------------------------------------------------------------------------------
-
-
 def _event():
     return torch.cuda.Event(enable_timing=True)
-
-
-def time_cuda(calls: Sequence[Call], budget: Budget, warmup_s: float = 0.02) -> Stats:
-    """CUDA events around batches of calls on the current stream, after warm-up. The host
-    is never synchronised between samples, so launch-bound calls are timed at the rate the
-    host issues them (what eager serving sees); see :func:`time_cuda_graph` for GPU time."""
-    rr = _RoundRobin(calls)
-    rr.run(len(calls))
-    torch.cuda.synchronize()
-    s, e = _event(), _event()
-    s.record()
-    rr.run(len(calls))
-    e.record()
-    e.synchronize()
-    t_est = s.elapsed_time(e) * 1e-3 / len(calls)
-    extra = math.ceil(warmup_s / max(t_est, 1e-9)) if t_est * len(calls) < warmup_s else 0
-    rr.run(min(extra, 10_000))
-    batch = max(1, math.ceil(budget.min_sample_s / max(t_est, 1e-9)))
-    reps = budget.reps_for(batch * t_est)
-    starts, ends = [_event() for _ in range(reps)], [_event() for _ in range(reps)]
-    for i in range(reps):
-        starts[i].record()
-        rr.run(batch)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return summarize([a.elapsed_time(b) * 1e-3 / batch for a, b in zip(starts, ends)], batch)
-
-
-def time_cuda_graph(calls: Sequence[Call], calls_per_graph: int, budget: Budget) -> Stats:
-    """Captures ``calls_per_graph`` back-to-back calls (round-robin over the input sets) in
-    one CUDA graph and times its replays with events; reports the per-call time."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        _RoundRobin(calls).run(len(calls))
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    rr = _RoundRobin(calls)
-    with torch.cuda.graph(graph):
-        rr.run(calls_per_graph)
-    try:
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        s, e = _event(), _event()
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        t_replay = s.elapsed_time(e) * 1e-3
-        reps = budget.reps_for(t_replay)
-        starts, ends = [_event() for _ in range(reps)], [_event() for _ in range(reps)]
-        for i in range(reps):
-            starts[i].record()
-            graph.replay()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return summarize([a.elapsed_time(b) * 1e-3 / calls_per_graph for a, b in zip(starts, ends)],
-                         calls_per_graph)
-    finally:
-        del graph
-        torch.cuda.synchronize()
 
 
 # ---- several implementations, interleaved ---------------------------------------------------
@@ -297,8 +213,9 @@ def time_graphs_interleaved(call_sets: Mapping[str, Sequence[Call]], calls_per_g
                             rounds: int = ROUNDS, contexts: Contexts = None) -> Dict[str, Union[Stats, Exception]]:
     """CUDA-graph replay (GPU time) of every implementation of one case: each captures
     ``calls_per_graph`` back-to-back calls (round-robin over its input sets) in one graph,
-    as :func:`time_cuda_graph`; then the replays are timed in turns as
-    :func:`time_interleaved` times calls (one unmeasured replay starts each turn);
+    after one warm-up pass off the default stream (as capture requires); then the replays
+    are timed in turns as :func:`time_interleaved` times calls (one unmeasured replay
+    starts each turn);
     ``contexts`` wraps each name's warm-up and capture. Per name its per-call Stats, or the
     exception its capture or replay raised."""
     out: Dict[str, Union[Stats, Exception]] = {}
@@ -353,6 +270,15 @@ def time_graphs_interleaved(call_sets: Mapping[str, Sequence[Call]], calls_per_g
         _sync_quietly(True)
 
 
+def time_calls(calls: Sequence[Call], budget: Budget, device: str) -> Stats:
+    """One implementation's calls timed by :func:`time_interleaved` alone; raises what a
+    call raised."""
+    st = time_interleaved({"": calls}, budget, device)[""]
+    if isinstance(st, Exception):
+        raise st
+    return st
+
+
 # ---- ceilings and cache sizes -------------------------------------------------------------
 
 
@@ -361,8 +287,7 @@ def _time(fn: Call, device: str, reps: int, warmup: int = 3) -> float:
     budget = Budget(seconds=0.0, min_reps=reps, max_reps=reps, min_sample_s=0.0)
     for _ in range(warmup - 1):
         fn()
-    stats = time_cuda([fn], budget) if device == "cuda" else time_host([fn], budget)
-    return stats.median_us * 1e-6
+    return time_calls([fn], budget, device).median_us * 1e-6
 
 
 def copy_gbps(device: str, nbytes: int, reps: int = 20) -> float:
@@ -421,7 +346,7 @@ def reset_ceiling_memory(device: str) -> None:
 
 
 __all__: List[str] = [
-    "Stats", "Budget", "summarize", "time_host", "time_cuda", "time_cuda_graph", "time_interleaved",
-    "time_graphs_interleaved", "copy_gbps", "clone_gbps",
+    "Stats", "Budget", "summarize", "time_interleaved", "time_graphs_interleaved", "time_calls", "copy_gbps",
+    "clone_gbps",
     "matmul_tflops", "cuda_l2_bytes", "cpu_llc_bytes", "sync", "reset_ceiling_memory",
 ]
