@@ -150,10 +150,7 @@ at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at:
 
 std::string fc_last_path() { return t_last_fc_path; }
 
-int64_t fc_adjacent_gemm(int64_t value) {
-  if (value < 0) return g_fc_adjacent_gemm.load() ? 1 : 0;
-  return g_fc_adjacent_gemm.exchange(value != 0) ? 1 : 0;
-}
+int64_t fc_adjacent_gemm(int64_t value) { return query_or_set(g_fc_adjacent_gemm, value); }
 
 void set_norm_last_plan(const NormPlan& plan) { t_last_norm_plan = plan; }
 

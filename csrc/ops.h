@@ -6,6 +6,7 @@
 #include <c10/core/DispatchKeySet.h>
 #include <c10/util/Optional.h>
 
+#include <atomic>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -38,6 +39,15 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& x, 
 at::Tensor rms_norm_cat_linear_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& weight, double eps,
                                     const std::string& norm);
 #endif
+// A strategy switch's setter (the _norm_* / _fc_* ops): a negative value queries `state`,
+// any other value sets it (a bool: nonzero is true); returns the previous value (a bool as
+// 0 / 1). The ops validate the value first (torch_bindings.cpp).
+template <typename V>
+int64_t query_or_set(std::atomic<V>& state, int64_t value) {
+  if (value < 0) return static_cast<int64_t>(state.load());
+  return static_cast<int64_t>(state.exchange(static_cast<V>(value)));
+}
+
 // The _fc_last_path op: "decode", "mma", "wgmma", "gemm" (norm "none" over adjacent chunks:
 // one GEMM on the matrix they tile) or "pair" (normalised copy + GEMM), the path of this
 // thread's last rms_norm_cat_linear call ("none" when it had no rows).

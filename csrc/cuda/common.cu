@@ -69,10 +69,7 @@ int64_t stage_weights_bytes(const StagePlan& plan, int64_t rows, int64_t weight_
   return plan.smem + weight_bytes <= stage_budget(device) ? weight_bytes : 0;
 }
 
-int64_t set_norm_stage_weights(int64_t rows) {
-  if (rows < 0) return g_norm_stage_weights.load();
-  return g_norm_stage_weights.exchange(rows);
-}
+int64_t set_norm_stage_weights(int64_t rows) { return query_or_set(g_norm_stage_weights, rows); }
 
 namespace {
 std::atomic<bool> g_norm_registers{false};
@@ -87,22 +84,13 @@ int norm_vecs_per_thread(int64_t rows) {
   return rows <= kSmallLaunchRows ? 1 : 2;
 }
 
-int64_t set_norm_vecs_per_thread(int64_t v) {
-  if (v < 0) return g_norm_vecs_per_thread.load();
-  return g_norm_vecs_per_thread.exchange(static_cast<int>(v));
-}
+int64_t set_norm_vecs_per_thread(int64_t v) { return query_or_set(g_norm_vecs_per_thread, v); }
 
 bool norm_registers() { return g_norm_registers.load(std::memory_order_relaxed); }
 
-int64_t set_norm_registers(int64_t on) {
-  if (on < 0) return g_norm_registers.load() ? 1 : 0;
-  return g_norm_registers.exchange(on != 0) ? 1 : 0;
-}
+int64_t set_norm_registers(int64_t on) { return query_or_set(g_norm_registers, on); }
 
-int64_t set_norm_stage_limit(int64_t bytes) {
-  if (bytes < 0) return g_norm_stage_limit.load();
-  return g_norm_stage_limit.exchange(bytes);
-}
+int64_t set_norm_stage_limit(int64_t bytes) { return query_or_set(g_norm_stage_limit, bytes); }
 
 void configure_staging_kernel(const void* kernel, int device) {
   // Once per device and kernel, under a lock (another host thread may launch the same

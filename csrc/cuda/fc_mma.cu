@@ -339,19 +339,10 @@ bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, Norm
   return false;  // fp32: rms_norm_cat + GEMM
 }
 
-int64_t fc_mma_max_tokens(int64_t value) {
-  if (value < 0) return g_mma_max_tokens.load();
-  return g_mma_max_tokens.exchange(value);
-}
+int64_t fc_mma_max_tokens(int64_t value) { return query_or_set(g_mma_max_tokens, value); }
 
-int64_t fc_mma_features(int64_t value) {
-  if (value < 0) return g_mma_features.load();
-  return g_mma_features.exchange(value);
-}
+int64_t fc_mma_features(int64_t value) { return query_or_set(g_mma_features, value); }
 
-int64_t fc_mma_max_waves(int64_t value) {
-  if (value < 0) return g_mma_max_waves.load();
-  return g_mma_max_waves.exchange(value);
-}
+int64_t fc_mma_max_waves(int64_t value) { return query_or_set(g_mma_max_waves, value); }
 
 }  // namespace eagle3::cuda

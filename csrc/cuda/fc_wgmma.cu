@@ -648,24 +648,12 @@ bool launch_fc_wgmma(const ChunkRows& c, const at::Tensor& weight, float eps, No
   return launch_typed<__half>(c, weight, eps, mode, out);
 }
 
-int64_t fc_wgmma_min_tokens(int64_t value) {
-  if (value < 0) return g_wgmma_min_tokens.load();
-  return g_wgmma_min_tokens.exchange(value);
-}
+int64_t fc_wgmma_min_tokens(int64_t value) { return query_or_set(g_wgmma_min_tokens, value); }
 
-int64_t fc_wgmma_cluster(int64_t value) {
-  if (value < 0) return g_wgmma_cluster.load();
-  return g_wgmma_cluster.exchange(value);
-}
+int64_t fc_wgmma_cluster(int64_t value) { return query_or_set(g_wgmma_cluster, value); }
 
-int64_t fc_wgmma_split_k(int64_t value) {
-  if (value < 0) return g_wgmma_split_k.load();
-  return g_wgmma_split_k.exchange(value);
-}
+int64_t fc_wgmma_split_k(int64_t value) { return query_or_set(g_wgmma_split_k, value); }
 
-int64_t fc_wgmma_tile_n(int64_t value) {
-  if (value < 0) return g_wgmma_tile_n.load();
-  return g_wgmma_tile_n.exchange(value);
-}
+int64_t fc_wgmma_tile_n(int64_t value) { return query_or_set(g_wgmma_tile_n, value); }
 
 }  // namespace eagle3::cuda

@@ -233,10 +233,7 @@ rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_c
 
 }  // namespace
 
-int64_t set_norm_split_chunks(int64_t mode) {
-  if (mode < 0) return g_norm_split_chunks.load();
-  return g_norm_split_chunks.exchange(static_cast<int>(mode));
-}
+int64_t set_norm_split_chunks(int64_t mode) { return query_or_set(g_norm_split_chunks, mode); }
 
 void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_1d, float eps, NormMode mode,
                      at::Tensor& out) {

@@ -1,6 +1,7 @@
 // rms_norm_cat_linear on CUDA: fc(norm_cat(xs)) with the norm weights folded into `weight`.
 //
-// Two paths, chosen per call by the number of tokens T:
+// The paths, chosen per call by the number of tokens T (before them, from T = 2, norm "none"
+// over chunks that tile one matrix is one GEMM on that matrix: ops.cpp, adjacent_chunks):
 //  * decode (T <= fc_decode_max_tokens, every access 16-byte aligned): one launch of
 //    fc_decode_kernel. Each warp streams R rows of the weight once and, for every token,
 //    accumulates per chunk both the raw dot product with the chunk and the chunk's sum of
@@ -160,9 +161,6 @@ const char* launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float
   return nullptr;
 }
 
-int64_t fc_decode_max_tokens(int64_t value) {
-  if (value < 0) return g_decode_max_tokens.load();
-  return g_decode_max_tokens.exchange(value);
-}
+int64_t fc_decode_max_tokens(int64_t value) { return query_or_set(g_decode_max_tokens, value); }
 
 }  // namespace eagle3::cuda
