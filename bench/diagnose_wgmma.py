@@ -13,9 +13,11 @@ wrong output says which element it read instead:
   the token and feature order (accumulator layout, tile origins, stores).
 
 Each mapping prints "identity" or its first entries; then norm "chunk" and "shared" on a
-correct GEMM isolate the scale logic. BN = 128 and 256, then BN = 128 with each tile's k range
-split over clusters of three blocks (whose partial sums, exact for these integers, are added
-through distributed shared memory). Exit status 1 when anything is wrong.
+correct GEMM isolate the scale logic (two chunks, and three, one per block of a split of
+three). BN = 128 and 256, then BN = 128 with each tile's k range split over clusters of three
+blocks (whose partial sums, exact for these integers, are added through distributed shared
+memory), the norm statistics from a pre-pass and then from the cluster (where that
+applies: three chunks for "chunk", any for "shared"). Exit status 1 when anything is wrong.
 """
 
 from __future__ import annotations
@@ -54,16 +56,17 @@ def _report(name: str, mapping: list) -> bool:
     return ok
 
 
-def diagnose(bn: int, split_k: int = 1) -> bool:
-    with kernel_switches(fc_wgmma_tile_n=bn, fc_wgmma_split_k=split_k):
-        return _diagnose(bn, split_k)
+def diagnose(bn: int, split_k: int = 1, split_stats: int = 1) -> bool:
+    with kernel_switches(fc_wgmma_tile_n=bn, fc_wgmma_split_k=split_k, fc_wgmma_split_stats=split_stats):
+        return _diagnose(bn, split_k, split_stats)
 
 
-def _diagnose(bn: int, split_k: int) -> bool:
+def _diagnose(bn: int, split_k: int, split_stats: int) -> bool:
     g = torch.Generator(device=DEV).manual_seed(0)
     ints = lambda *shape: torch.randint(-3, 4, shape, device=DEV, generator=g).to(BF)  # noqa: E731
     ok = True
-    print(f"== BN = {bn}, k range split over {split_k} block(s) per tile")
+    stats = "" if split_k == 1 else f", statistics {'from the cluster' if split_stats else 'pre-pass'}"
+    print(f"== BN = {bn}, k range split over {split_k} block(s) per tile{stats}")
     # A's k order: x one-hot
     T = N = 64
     x = torch.zeros(T, 64, device=DEV, dtype=BF)
@@ -95,14 +98,16 @@ def _diagnose(bn: int, split_k: int) -> bool:
               f"{sorted(set((bad[:, 1] % bn).tolist()))[:32]}")
         return ok
     # the scales, on a GEMM known to be right
-    for norm in ("chunk", "shared"):
-        xs = [torch.randn(T, h, device=DEV, generator=g).to(BF) for h in widths]
-        out = _run(xs, w, norm)
-        ref64 = reference.rms_norm_cat_linear_fp64(xs, w, 1e-6, norm)
-        err = ((out.double() - ref64).norm() / ref64.norm()).item()
-        good = err < 2e-2
-        ok &= good
-        print(f"{norm}: relative error {err:.3g} {'ok' if good else 'WRONG'}")
+    for chunk_widths in (widths, [64] * 3):
+        w = ints(N, sum(chunk_widths))
+        for norm in ("chunk", "shared"):
+            xs = [torch.randn(T, h, device=DEV, generator=g).to(BF) for h in chunk_widths]
+            out = _run(xs, w, norm)
+            ref64 = reference.rms_norm_cat_linear_fp64(xs, w, 1e-6, norm)
+            err = ((out.double() - ref64).norm() / ref64.norm()).item()
+            good = err < 2e-2
+            ok &= good
+            print(f"{norm}, widths {chunk_widths}: relative error {err:.3g} {'ok' if good else 'WRONG'}")
     return ok
 
 
@@ -112,7 +117,7 @@ def main() -> int:
         return 0
     with kernel_switches(fc_wgmma_min_tokens=1, fc_decode_max_tokens=0, fc_mma_max_tokens=0):
         # (a list: every configuration runs and prints, whatever the first ones found)
-        ok = all([diagnose(128), diagnose(256), diagnose(128, 3)])
+        ok = all([diagnose(128), diagnose(256), diagnose(128, 3, 0), diagnose(128, 3, 1)])
     print("diagnose_wgmma:", "all correct" if ok else "WRONG")
     return 0 if ok else 1
 

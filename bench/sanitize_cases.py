@@ -73,7 +73,8 @@ def run(one: bool) -> int:
     # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only
     # ones it takes), also with its k range split over clusters of three and in clusters of
     # two, rms_norm_cat with one block per (row, chunk), and the norm weights staged with the
-    # rows (blocks of one and two vectors per thread).
+    # rows (blocks of one and two vectors per thread); the split's statistics from the
+    # cluster where they apply (K=3 and K=1 with norm "chunk", every K with "shared").
     passes = (
         (dict(fc_decode_max_tokens=8), (False, True)),
         (dict(norm_stage_limit=0), (False, True)),
@@ -84,7 +85,10 @@ def run(one: bool) -> int:
         (dict(norm_stage_weights=64, norm_vecs_per_thread=1), (False, True)),
         (dict(norm_split_chunks=1, norm_stage_weights=64, norm_vecs_per_thread=2), (True,)),
         (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_cluster=2), (True,)),
-        # last: the newest kernel path, and a trap would end the process
+        # last: the newest kernel paths, and a trap would end the process: the split k range
+        # with the statistics pre-pass, then with the statistics added up over the cluster
+        (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_split_k=3,
+              fc_wgmma_split_stats=0), (True,)),
         (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_split_k=3), (True,)),
     )
     for switches, layouts in passes:

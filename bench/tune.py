@@ -12,9 +12,11 @@ loaded with the row, and "registers v2" at T=16384). For the fc (``--parts fc``,
 H = 4096, 5120, 7168): the defaults, the mma.sync kernel at any grid with 16, 32 or 64
 features per block ("mma f16" ...: ``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0)``,
 ``_fc_mma_features``), on Hopper from T=8 the wgmma kernel with its k range split over
-clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``), and rms_norm_cat +
-cuBLAS. On Hopper (``--parts wgmma``), the wgmma kernel (128 or 256 features per block;
-"c2": clusters of two blocks multicasting the weight tiles; "sk" at T=128) against
+clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``, the norm statistics
+added up over the cluster; "wgmma-128 sk pre": from a pre-pass, ``_fc_wgmma_split_stats(0)``),
+and rms_norm_cat + cuBLAS. On Hopper (``--parts wgmma``), the wgmma kernel (128 or 256
+features per block; "c2": clusters of two blocks multicasting the weight tiles; "sk" and
+"sk pre" at T=128) against
 rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192 (``_fc_wgmma_min_tokens`` /
 ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster`` / ``_fc_wgmma_split_k``).
 Each row names the path that served it (``_fc_last_path``; for the norm kernels the launch's
@@ -167,9 +169,11 @@ def _sweep(measure, parts) -> None:
             if T >= 2:
                 variants += [(f"mma f{f}", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=64, fc_mma_max_waves=0,
                                                 fc_mma_features=f)) for f in (16, 32, 64) if f < 64 or T <= 32]
-            if T >= 8 and split_k:
-                variants += [(f"wgmma-{bn} sk", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1,
-                                                     fc_wgmma_tile_n=bn, fc_wgmma_split_k=0)) for bn in (128, 256)]
+            if T >= 8 and split_k:  # "sk": the statistics from the cluster, "sk pre": the pre-pass
+                variants += [(f"wgmma-{bn} sk{' pre' if pre else ''}",
+                              dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_tile_n=bn,
+                                   fc_wgmma_split_k=0, fc_wgmma_split_stats=0 if pre else 1))
+                             for bn, pre in ((128, False), (256, False), (128, True))]
             measure(case, variants + [("norm_cat+cuBLAS", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0))])
     if "wgmma" not in parts or not hopper:
         return
@@ -187,7 +191,9 @@ def _sweep(measure, parts) -> None:
             variants = [(name, dict(fc_wgmma_min_tokens=min_tokens, fc_wgmma_tile_n=tile, fc_wgmma_cluster=cluster))
                         for name, min_tokens, tile, cluster in tiles + (("norm_cat+cuBLAS", 0, 0, 1),)]
             if T == 128 and split_k:  # the split k range: 2..4 blocks per tile at T=128
-                variants.insert(-1, ("wgmma-128 sk", dict(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=128, fc_wgmma_split_k=0)))
+                variants[-1:-1] = [(f"wgmma-128 sk{' pre' if pre else ''}",
+                                    dict(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=128, fc_wgmma_split_k=0,
+                                         fc_wgmma_split_stats=0 if pre else 1)) for pre in (False, True)]
             measure(case, variants)
 
 if __name__ == "__main__":
