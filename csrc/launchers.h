@@ -62,13 +62,17 @@ int64_t fc_mma_max_waves(int64_t value);
 // Features (weight rows) per block of launch_fc_mma: 16, 32, 64, or 0 to choose by T (the
 // default); sets it and returns the previous value, -1 only queries.
 int64_t fc_mma_features(int64_t value);
-// The Hopper tensor-core fc for T >= fc_wgmma_min_tokens (bf16 / fp16, sm_90a build on a
-// compute capability 9.x device; TMA + wgmma, two launches: per-token chunk scales, then
-// the GEMM with the scales applied to its accumulators); false where it does not apply.
+// The Hopper tensor-core fc for fc_wgmma_min_tokens <= T <= fc_wgmma_max_tokens (bf16 / fp16,
+// sm_90a build on a compute capability 9.x device; TMA + wgmma: per-token chunk scales from
+// a pre-pass or, split over a cluster, from the tiles it streams, applied to its
+// accumulators); false where it does not apply.
 bool launch_fc_wgmma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
 // Smallest T served by launch_fc_wgmma (0 disables it, the default); sets it and returns
 // the previous value, -1 only queries.
 int64_t fc_wgmma_min_tokens(int64_t value);
+// Largest T served by launch_fc_wgmma (0: no limit, the default); sets it and returns the
+// previous value, -1 only queries.
+int64_t fc_wgmma_max_tokens(int64_t value);
 // Features per block of launch_fc_wgmma: 128, 256, or 0 to choose by size (the default);
 // sets it and returns the previous value, -1 only queries.
 int64_t fc_wgmma_tile_n(int64_t value);

@@ -66,6 +66,12 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_wgmma_min_tokens", value, value >= 0, " or a token count >= 0",
                            EAGLE3_CUDA_SETTER(fc_wgmma_min_tokens));
   });
+  // Largest T served by that kernel (0, the default: no limit), so that it can take a range
+  // of T (the split kernel's decode sizes) and leave larger T to the pair.
+  m.def("_fc_wgmma_max_tokens(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_wgmma_max_tokens", value, value >= 0, " or a token count >= 0 (0: no limit)",
+                           EAGLE3_CUDA_SETTER(fc_wgmma_max_tokens));
+  });
   // Features per block of that kernel: 128, 256, or 0 to choose by size (the default).
   m.def("_fc_wgmma_tile_n(int value=-1) -> int", [](int64_t value) {
     return strategy_switch("_fc_wgmma_tile_n", value, value == 0 || value == 128 || value == 256,

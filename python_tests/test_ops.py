@@ -1144,6 +1144,20 @@ def test_rms_norm_cat_linear_wgmma_split_statistics(device, seed, norm, widths, 
     assert any("fc_row_scales_kernel" in n for n in names) == pre_pass, names
 
 
+@pytest.mark.parametrize("T,path", [(31, "pair"), (32, "wgmma"), (100, "wgmma"), (101, "pair")])
+def test_rms_norm_cat_linear_wgmma_token_range(device, seed, T, path):
+    """_fc_wgmma_min_tokens / _fc_wgmma_max_tokens bound the T the wgmma kernel takes (here
+    the split kernel's, by size); outside them the pair serves. Hopper only."""
+    if not wgmma_expected(device):
+        pytest.skip("the wgmma kernel needs a compute capability 9.x card")
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split", T, [256] * 3, torch.bfloat16)
+    w = rng.linear_weight(200, 3 * 256, torch.bfloat16)
+    with kernel_switches(fc_wgmma_min_tokens=32, fc_wgmma_max_tokens=100, fc_wgmma_split_k=0, fc_decode_max_tokens=0,
+                         fc_mma_max_tokens=0, fc_adjacent_gemm=0):
+        check_linear(device, xs, bases, w, EPS, "chunk", (T,), path=path)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("T", [128, 1000, 2048])
 @pytest.mark.parametrize("H", [4096, 7168])
@@ -1183,6 +1197,7 @@ SWITCH_ERRORS = {
     "fc_mma_max_waves": (-2, "_fc_mma_max_waves: value must be -1 (query) or a wave count >= 0, got -2"),
     "fc_mma_features": (48, "_fc_mma_features: value must be -1 (query), 0 (by T), 16, 32 or 64, got 48"),
     "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),
+    "fc_wgmma_max_tokens": (-2, "_fc_wgmma_max_tokens: value must be -1 (query) or a token count >= 0 (0: no limit), got -2"),
     "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
     "fc_wgmma_cluster": (0, "_fc_wgmma_cluster: value must be -1 (query), 1 or 2, got 0"),
     "fc_wgmma_split_k": (9, "_fc_wgmma_split_k: value must be -1 (query), 0 (by size) or 1..8, got 9"),

@@ -528,6 +528,9 @@ at::Tensor fc_row_scales(const ChunkTable& tab, const ChunkRows& c, float eps, N
 // the pair at every T >= 2048 (H=4096 T=2048 338.7 / 333.1, T=16384 2650 / 2627): no
 // threshold.
 std::atomic<int64_t> g_wgmma_min_tokens{0};
+// Largest T served (0: no limit, the default): with the split kernel (g_wgmma_split_k 0, by
+// size) the kernel can take the decode sizes alone and leave the prefill sizes to the pair.
+std::atomic<int64_t> g_wgmma_max_tokens{0};
 // Features per block: 0 chooses (256 when that fills every multiprocessor, else 128).
 std::atomic<int64_t> g_wgmma_tile_n{0};
 // Blocks per cluster sharing (multicasting) their weight tiles: 1 (the default), or 2 (the
@@ -704,8 +707,10 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
 
 bool launch_fc_wgmma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
   const int64_t T = c.num_rows, N = weight.size(0), min_tokens = g_wgmma_min_tokens.load(std::memory_order_relaxed);
+  const int64_t max_tokens = g_wgmma_max_tokens.load(std::memory_order_relaxed);
+  if (min_tokens == 0 || T < min_tokens || (max_tokens > 0 && T > max_tokens)) return false;
   // (T and N bounded so that the kernel's int tile origins and rows cannot overflow)
-  if (min_tokens == 0 || T < min_tokens || T < 1 || N < 1 || T > (1 << 30) || N > (1 << 30)) return false;
+  if (T < 1 || N < 1 || T > (1 << 30) || N > (1 << 30)) return false;
   const at::ScalarType dt = c.rows[0].scalar_type();
   if (dt != at::kBFloat16 && dt != at::kHalf) return false;  // fp32: rms_norm_cat + GEMM
   if (c.rows.size() > static_cast<size_t>(kWgmmaMaxChunks)) return false;
@@ -723,6 +728,8 @@ bool launch_fc_wgmma(const ChunkRows& c, const at::Tensor& weight, float eps, No
 }
 
 int64_t fc_wgmma_min_tokens(int64_t value) { return query_or_set(g_wgmma_min_tokens, value); }
+
+int64_t fc_wgmma_max_tokens(int64_t value) { return query_or_set(g_wgmma_max_tokens, value); }
 
 int64_t fc_wgmma_cluster(int64_t value) { return query_or_set(g_wgmma_cluster, value); }
 
