@@ -17,7 +17,8 @@ correct GEMM isolate the scale logic (two chunks, and three, one per block of a 
 three). BN = 128 and 256, then BN = 128 with each tile's k range split over clusters of three
 blocks (whose partial sums, exact for these integers, are added through distributed shared
 memory), the norm statistics from a pre-pass and then from the cluster (where that
-applies: three chunks for "chunk", any for "shared"). Exit status 1 when anything is wrong.
+applies: three chunks for "chunk", any for "shared"; unsplit, "shared" takes them from
+the block's tiles). Exit status 1 when anything is wrong.
 """
 
 from __future__ import annotations
@@ -56,17 +57,17 @@ def _report(name: str, mapping: list) -> bool:
     return ok
 
 
-def diagnose(bn: int, split_k: int = 1, split_stats: int = 1) -> bool:
-    with kernel_switches(fc_wgmma_tile_n=bn, fc_wgmma_split_k=split_k, fc_wgmma_split_stats=split_stats):
-        return _diagnose(bn, split_k, split_stats)
+def diagnose(bn: int, split_k: int = 1, tile_stats: int = 1) -> bool:
+    with kernel_switches(fc_wgmma_tile_n=bn, fc_wgmma_split_k=split_k, fc_wgmma_tile_stats=tile_stats):
+        return _diagnose(bn, split_k, tile_stats)
 
 
-def _diagnose(bn: int, split_k: int, split_stats: int) -> bool:
+def _diagnose(bn: int, split_k: int, tile_stats: int) -> bool:
     g = torch.Generator(device=DEV).manual_seed(0)
     ints = lambda *shape: torch.randint(-3, 4, shape, device=DEV, generator=g).to(BF)  # noqa: E731
     ok = True
-    stats = "" if split_k == 1 else f", statistics {'from the cluster' if split_stats else 'pre-pass'}"
-    print(f"== BN = {bn}, k range split over {split_k} block(s) per tile{stats}")
+    stats = "from the tiles where that applies" if tile_stats else "pre-pass"
+    print(f"== BN = {bn}, k range split over {split_k} block(s) per tile, norm statistics {stats}")
     # A's k order: x one-hot
     T = N = 64
     x = torch.zeros(T, 64, device=DEV, dtype=BF)

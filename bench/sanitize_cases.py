@@ -88,7 +88,7 @@ def run(one: bool) -> int:
         # last: the newest kernel paths, and a trap would end the process: the split k range
         # with the statistics pre-pass, then with the statistics added up over the cluster
         (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_split_k=3,
-              fc_wgmma_split_stats=0), (True,)),
+              fc_wgmma_tile_stats=0), (True,)),
         (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_split_k=3), (True,)),
     )
     for switches, layouts in passes:

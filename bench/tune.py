@@ -1,6 +1,6 @@
 """Quick GPU comparison of the kernels' alternative strategies, in one process (~1-2 min).
 
-    python -m bench.tune [--out FILE.json] [--parts norm,fc,wgmma]
+    python -m bench.tune [--out FILE.json] [--parts norm,fc,prefill,wgmma]
 
 For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside one block per
 row ("row", ``_norm_split_chunks(0)``; for rms_norm_cat "split": one block per (row,
@@ -13,12 +13,15 @@ H = 4096, 5120, 7168): the defaults, the mma.sync kernel at any grid with 16, 32
 features per block ("mma f16" ...: ``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0)``,
 ``_fc_mma_features``), on Hopper from T=8 the wgmma kernel with its k range split over
 clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``, the norm statistics
-added up over the cluster; "wgmma-128 sk pre": from a pre-pass, ``_fc_wgmma_split_stats(0)``),
-and rms_norm_cat + cuBLAS. On Hopper (``--parts wgmma``), the wgmma kernel (128 or 256
-features per block; "c2": clusters of two blocks multicasting the weight tiles; "sk" and
-"sk pre" at T=128) against
-rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192 (``_fc_wgmma_min_tokens`` /
-``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster`` / ``_fc_wgmma_split_k``).
+added up over the cluster; "wgmma-128 sk pre": from a pre-pass, ``_fc_wgmma_tile_stats(0)``),
+and rms_norm_cat + cuBLAS. On Hopper, ``--parts prefill``: the wgmma kernel's norm
+statistics at T = 2048 / 16384, H = 4096 / 7168, norm "shared" (from each block's tiles, in
+multicast pairs too, or from the pre-pass) and "chunk" (the pre-pass, or one block per chunk
+of a cluster of three, "sk3"); ``--parts wgmma``: the wgmma kernel (128 or 256 features per
+block; "c2": clusters of two blocks multicasting the weight tiles; "sk" and "sk pre" at
+T=128) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
+(``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster`` /
+``_fc_wgmma_split_k``).
 Each row names the path that served it (``_fc_last_path``; for the norm kernels the launch's
 plan, ``_norm_last_plan``: strategy, weights staged, threads per block), so a kernel that
 declined shows as such.
@@ -42,7 +45,7 @@ from bench import cases as C
 from bench import timing
 
 OPS = torch.ops.eagle3
-PARTS = ("norm", "fc", "wgmma")  # --parts
+PARTS = ("norm", "fc", "prefill", "wgmma")  # --parts
 
 
 def _time_variants(case: C.Case, variants, budget: timing.Budget, cache_bytes: int) -> tuple:
@@ -88,7 +91,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--parts", default=",".join(PARTS),
-                   help="comma-separated: norm (the norm kernels), fc (T <= 64), wgmma (the Hopper grid, the longest)")
+                   help="comma-separated: norm (the norm kernels), fc (T <= 64), prefill (the wgmma kernel's "
+                        "norm statistics at T = 2048 / 16384), wgmma (the Hopper grid, the longest)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     if unknown := sorted(parts - set(PARTS)):
@@ -106,9 +110,10 @@ def main() -> None:
         results, failed = _time_variants(case, variants, budget, cache)
         for name, path, us, err in results:
             gbps = case.bytes_moved() / us / 1e3
-            rows.append(dict(op=case.op, T=case.T, H=case.H, variant=name, path=path, us=us, gbps=gbps,
-                             pct_copy=100 * gbps / copy, rel_err=err))
-            print(f"| {case.op} | {case.T} | {case.H} | {name} | {path} | {us:.1f} | {gbps:.0f} "
+            rows.append(dict(op=case.op, T=case.T, H=case.H, norm=case.norm, variant=name, path=path, us=us,
+                             gbps=gbps, pct_copy=100 * gbps / copy, rel_err=err))
+            op = case.op + (f" ({case.norm})" if case.norm else "")
+            print(f"| {op} | {case.T} | {case.H} | {name} | {path} | {us:.1f} | {gbps:.0f} "
                   f"| {100 * gbps / copy:.1f} | {err:.2g} |")
         if failed is not None:
             raise failed
@@ -172,9 +177,23 @@ def _sweep(measure, parts) -> None:
             if T >= 8 and split_k:  # "sk": the statistics from the cluster, "sk pre": the pre-pass
                 variants += [(f"wgmma-{bn} sk{' pre' if pre else ''}",
                               dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_tile_n=bn,
-                                   fc_wgmma_split_k=0, fc_wgmma_split_stats=0 if pre else 1))
+                                   fc_wgmma_split_k=0, fc_wgmma_tile_stats=0 if pre else 1))
                              for bn, pre in ((128, False), (256, False), (128, True))]
             measure(case, variants + [("norm_cat+cuBLAS", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0))])
+    # The wgmma kernel's norm statistics at prefill sizes: norm "shared" from the blocks' own
+    # tiles ("wgmma-256", "c2") against the pre-pass ("pre"); norm "chunk" from a cluster of
+    # K = 3 blocks per tile, one chunk each ("sk3"), against the pre-pass kernels.
+    for H in (4096, 7168) if "prefill" in parts and hopper else ():
+        for T in (2048, 16384):
+            for norm in ("shared", "chunk"):
+                case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm=norm)
+                wg = dict(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=256)
+                variants = [("wgmma-256", wg), ("wgmma-256 pre", dict(wg, fc_wgmma_tile_stats=0))]
+                if not os.environ.get("EAGLE3_TUNE_NO_CLUSTER"):
+                    variants += [("wgmma-256 c2", dict(wg, fc_wgmma_cluster=2))]
+                if norm == "chunk" and split_k:
+                    variants += [("wgmma-256 sk3", dict(wg, fc_wgmma_split_k=3))]
+                measure(case, variants + [("norm_cat+cuBLAS", {})])
     if "wgmma" not in parts or not hopper:
         return
     # The grid a threshold needs (the first H100 run had the kernel ahead only at H=4096,
@@ -193,7 +212,7 @@ def _sweep(measure, parts) -> None:
             if T == 128 and split_k:  # the split k range: 2..4 blocks per tile at T=128
                 variants[-1:-1] = [(f"wgmma-128 sk{' pre' if pre else ''}",
                                     dict(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=128, fc_wgmma_split_k=0,
-                                         fc_wgmma_split_stats=0 if pre else 1)) for pre in (False, True)]
+                                         fc_wgmma_tile_stats=0 if pre else 1)) for pre in (False, True)]
             measure(case, variants)
 
 if __name__ == "__main__":

@@ -90,12 +90,12 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_wgmma_split_k", value, value >= 0 && value <= 8, ", 0 (by size) or 1..8",
                            EAGLE3_CUDA_SETTER(fc_wgmma_split_k), 1);
   });
-  // Where that split kernel's blocks take the norm statistics from: 1 (the default) from the
-  // tiles they stream, added up over the cluster, where that applies (norm "shared", or
-  // "chunk" with the split a multiple of the chunk count); 0 a pre-pass kernel.
-  m.def("_fc_wgmma_split_stats(int value=-1) -> int", [](int64_t value) {
-    return strategy_switch("_fc_wgmma_split_stats", value, value == 0 || value == 1, ", 0 or 1",
-                           EAGLE3_CUDA_SETTER(fc_wgmma_split_stats), 1);
+  // Where that kernel takes the norm statistics from: 1 (the default) from the tiles it
+  // streams, where that applies (norm "shared"; with the k range split, added up over the
+  // cluster, also "chunk" with the split a multiple of the chunk count); 0 a pre-pass kernel.
+  m.def("_fc_wgmma_tile_stats(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_wgmma_tile_stats", value, value == 0 || value == 1, ", 0 or 1",
+                           EAGLE3_CUDA_SETTER(fc_wgmma_tile_stats), 1);
   });
   // rms_norm_cat_linear with norm "none" over chunks that are consecutive column ranges of
   // one row-major matrix: 1 (the default) runs one GEMM on that matrix (CPU and CUDA

@@ -1046,16 +1046,17 @@ def wgmma_from_1(request, device):
     the decode and mma kernels off, the given features per block, blocks per cluster
     (2: the weight tiles multicast) and split of the k range over a cluster (3; 0: by size,
     8 for these few tiles on an H100, with norm "chunk" a multiple of K, so most tests here
-    leave some blocks no k-tile) with the norm statistics taken in the cluster (1: where
-    that applies, every K with norm "shared", and with "chunk" the K that divide the split;
-    5 chunks, and 2 at a split of 3, take the pre-pass) or from the pre-pass (0), norm "none" on
+    leave some blocks no k-tile) with the norm statistics taken from the streamed tiles (1:
+    where that applies, every K with norm "shared", and with "chunk" split over a cluster the
+    K that divide the split; 5 chunks, and 2 at a split of 3, take the pre-pass) or from the
+    pre-pass (0), norm "none" on
     views of one tensor too (_fc_adjacent_gemm off); restores them all. CUDA only: on the
     CPU these calls are the pair the other grids already cover."""
     if torch.device(device).type != "cuda":
         pytest.skip("the wgmma kernel is a CUDA path; the CPU takes the pair, covered above")
-    tile_n, cluster, split_k, split_stats = request.param
+    tile_n, cluster, split_k, tile_stats = request.param
     with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=tile_n, fc_wgmma_cluster=cluster,
-                         fc_wgmma_split_k=split_k, fc_wgmma_split_stats=split_stats, fc_decode_max_tokens=0,
+                         fc_wgmma_split_k=split_k, fc_wgmma_tile_stats=tile_stats, fc_decode_max_tokens=0,
                          fc_mma_max_tokens=0, fc_adjacent_gemm=0):
         yield request.param
 
@@ -1115,28 +1116,33 @@ def cuda_kernel_names(fn) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-@pytest.mark.parametrize("norm,widths,split_k,split_stats,pre_pass", [
-    pytest.param("chunk", [192] * 3, 3, 1, False, id="chunk-K3-sk3-cluster"),
-    pytest.param("chunk", [192] * 3, 0, 1, False, id="chunk-K3-by-size-cluster"),
-    pytest.param("chunk", [192] * 3, 3, 0, True, id="chunk-K3-sk3-prepass"),
-    pytest.param("chunk", [128, 64], 3, 1, True, id="chunk-K2-sk3-prepass"),
-    pytest.param("shared", [128, 64], 3, 1, False, id="shared-K2-sk3-cluster"),
-    pytest.param("shared", [192] * 3, 1, 1, True, id="shared-no-split-prepass"),
-    pytest.param("none", [192] * 3, 3, 1, False, id="none-sk3"),
+@pytest.mark.parametrize("norm,widths,cluster,split_k,tile_stats,pre_pass", [
+    pytest.param("chunk", [192] * 3, 1, 3, 1, False, id="chunk-K3-sk3-tiles"),
+    pytest.param("chunk", [192] * 3, 1, 0, 1, False, id="chunk-K3-by-size-tiles"),
+    pytest.param("chunk", [192] * 3, 1, 3, 0, True, id="chunk-K3-sk3-prepass"),
+    pytest.param("chunk", [128, 64], 1, 3, 1, True, id="chunk-K2-sk3-prepass"),
+    pytest.param("chunk", [192] * 3, 1, 1, 1, True, id="chunk-no-split-prepass"),
+    pytest.param("shared", [128, 64], 1, 3, 1, False, id="shared-K2-sk3-tiles"),
+    pytest.param("shared", [192] * 3, 1, 1, 1, False, id="shared-no-split-tiles"),
+    pytest.param("shared", [192] * 3, 2, 1, 1, False, id="shared-c2-tiles"),
+    pytest.param("shared", [192] * 3, 1, 1, 0, True, id="shared-no-split-prepass"),
+    pytest.param("none", [192] * 3, 1, 3, 1, False, id="none-sk3"),
 ])
-def test_rms_norm_cat_linear_wgmma_split_statistics(device, seed, norm, widths, split_k, split_stats, pre_pass):
-    """The split wgmma kernel takes the norm statistics from its cluster (one launch, no
-    statistics pre-pass kernel) where _fc_wgmma_split_stats(1) applies: norm "shared", or
-    "chunk" with a split that is a multiple of K (the by-size choice makes it one); else,
-    and unsplit, the pre-pass runs; norm "none" has none. Hopper only."""
+def test_rms_norm_cat_linear_wgmma_tile_statistics(device, seed, norm, widths, cluster, split_k, tile_stats,
+                                                   pre_pass):
+    """The wgmma kernel takes the norm statistics from the tiles it streams (one launch, no
+    statistics pre-pass kernel) where _fc_wgmma_tile_stats(1) applies: norm "shared" (each
+    block's own rows, also in multicast pairs; or added up over a split's cluster), and
+    "chunk" with a split that is a multiple of K (the by-size choice makes it one); else the
+    pre-pass runs; norm "none" has none. Hopper only."""
     if not wgmma_expected(device):
         pytest.skip("the wgmma kernel needs a compute capability 9.x card")
     rng = Rng(seed, device)
     T = 100
     xs, bases = make_chunks(rng, "split", T, widths, torch.bfloat16)
     w = rng.linear_weight(264, sum(widths), torch.bfloat16)
-    with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=128, fc_wgmma_split_k=split_k,
-                         fc_wgmma_split_stats=split_stats, fc_decode_max_tokens=0, fc_mma_max_tokens=0,
+    with kernel_switches(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=128, fc_wgmma_cluster=cluster, fc_wgmma_split_k=split_k,
+                         fc_wgmma_tile_stats=tile_stats, fc_decode_max_tokens=0, fc_mma_max_tokens=0,
                          fc_adjacent_gemm=0):
         check_linear(device, xs, bases, w, EPS, norm, (T,), path="wgmma")
         names = cuda_kernel_names(lambda: eagle3_ops.rms_norm_cat_linear(xs, w, EPS, norm))
@@ -1201,7 +1207,7 @@ SWITCH_ERRORS = {
     "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
     "fc_wgmma_cluster": (0, "_fc_wgmma_cluster: value must be -1 (query), 1 or 2, got 0"),
     "fc_wgmma_split_k": (9, "_fc_wgmma_split_k: value must be -1 (query), 0 (by size) or 1..8, got 9"),
-    "fc_wgmma_split_stats": (2, "_fc_wgmma_split_stats: value must be -1 (query), 0 or 1, got 2"),
+    "fc_wgmma_tile_stats": (2, "_fc_wgmma_tile_stats: value must be -1 (query), 0 or 1, got 2"),
     "fc_adjacent_gemm": (2, "_fc_adjacent_gemm: value must be -1 (query), 0 or 1, got 2"),
 }
 

@@ -61,8 +61,9 @@ constexpr int kSmemBudget = 192 * 1024;  // pipeline stages per block
 
 constexpr int stages_for(int bn) { return kSmemBudget / ((kBM + bn) * kBK * 2) < 6 ? kSmemBudget / ((kBM + bn) * kBK * 2) : 6; }
 constexpr int smem_bytes_for(int bn) {
-  // stages, their full / empty barriers, and slack to align the stages to 1024 bytes
-  return stages_for(bn) * (kBM + bn) * kBK * 2 + 2 * stages_for(bn) * 8 + 1024;
+  // stages, their full / empty barriers, the token rows' sums of squares (tile_stats), and
+  // slack to align the stages to 1024 bytes
+  return stages_for(bn) * (kBM + bn) * kBK * 2 + 2 * stages_for(bn) * 8 + kBM * 4 + 1024;
 }
 
 struct XMaps {
@@ -196,10 +197,16 @@ __device__ __forceinline__ uint32_t pack2(float v0, float v1) {
   memcpy(&u, v, sizeof(u));
   return u;
 }
-// The sum of the squares of the 8 elements in 16 bytes of shared memory at `p`.
+// The sum of the squares of the 8 elements in 16 bytes of shared memory at `p` (an explicit
+// shared-memory load: the generic pointer would compile to a generic one).
 template <typename T>
 __device__ __forceinline__ float sum_squares16(const uint8_t* p) {
-  const Vec<T> v = *reinterpret_cast<const Vec<T>*>(p);
+  Vec<T> v;
+  uint32_t* const u = reinterpret_cast<uint32_t*>(&v);
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(u[0]), "=r"(u[1]), "=r"(u[2]), "=r"(u[3])
+               : "r"(smem_addr(p))
+               : "memory");
   float ss = 0.f;
 #pragma unroll
   for (int e = 0; e < Vec<T>::N; ++e) { const float f = to_float(v.v[e]); ss += f * f; }
@@ -268,17 +275,20 @@ fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunk
 // sums through distributed shared memory and writes them. A block whose range is empty
 // (fewer k-tiles than blocks) contributes zeros.
 //
-// stats_in_cluster (split_k > 1, norm "chunk" or "shared"; _fc_wgmma_split_stats): no
-// pre-pass and no `scales`. Norm "chunk" takes split_k = K m and gives chunk k to blocks
-// [k m, (k + 1) m), each taking 1/m of its k-tiles, so every block's k range lies in one
-// chunk ("shared": the even split). While the wgmma of a k-tile runs, the consumer threads
-// add up the squares of its token rows from the stage (two threads per row, 64 bytes each;
-// the 128-byte swizzle permutes 16-byte pieces within a row, so which piece is which does
-// not matter for the sum). After the k loop each block puts its per-row sums in shared
-// memory; after a cluster barrier each block reads those of the blocks of its chunk (all
-// blocks: "shared") through distributed shared memory, so it has the row's statistic over
-// the whole chunk (row) and scales its unscaled partial sums by rsqrt(mean + eps) before
-// the reduction above.
+// tile_stats (_fc_wgmma_tile_stats): the norm statistics from the tiles the blocks stream,
+// no pre-pass and no `scales`; for norm "shared", and with split_k > 1 for "chunk". While
+// the wgmma of a k-tile runs, the consumer threads add up the squares of its token rows
+// from the stage (two threads per row, 64 bytes each; the 128-byte swizzle permutes 16-byte
+// pieces within a row, so which piece is which does not matter for the sum), and after the
+// k loop the accumulators are scaled by rsqrt(mean + eps) of their rows:
+//  - split_k == 1 (norm "shared"): the block streams every k-tile of its rows, so its own
+//    sums are the statistic.
+//  - split_k > 1: norm "chunk" takes split_k = K m and gives chunk k to blocks
+//    [k m, (k + 1) m), each taking 1/m of its k-tiles, so every block's k range lies in one
+//    chunk ("shared": the even split). Each block puts its per-row sums in shared memory;
+//    after a cluster barrier it reads those of the blocks of its chunk (all blocks:
+//    "shared") through distributed shared memory, and scales its partial sums before the
+//    reduction above.
 template <typename T, int BN, int CM>
 __global__ void __launch_bounds__(kThreads, 1)
 fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ XMaps xmaps,
@@ -286,18 +296,19 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
                 const float* __restrict__ scales,  // [T, num_chunks]; null for norm "none"
                 T* __restrict__ out,               // [T, N] contiguous
                 const int num_tokens, const int n_out, const int mode, const int split_k, const float eps,
-                const int stats_in_cluster) {
+                const int tile_stats) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int STAGES = stages_for(BN);
   constexpr int A_BYTES = kBM * kBK * 2, STAGE_BYTES = (kBM + BN) * kBK * 2;
   constexpr int kConsumerThreads = 256;
   constexpr int kGroupM = 8;  // token tiles per group of the tile order
   constexpr int kPartLd = BN + 4;  // row stride (floats) of the split-k partial sums in shared memory
-  static_assert(kBM * (kPartLd + 1) * 4 <= STAGES * STAGE_BYTES, "the partial and row sums fit over the stages");
+  static_assert(kBM * kPartLd * 4 <= STAGES * STAGE_BYTES, "the partial sums fit over the stages");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* const smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint64_t* const full = reinterpret_cast<uint64_t*>(smem + STAGES * STAGE_BYTES);
   uint64_t* const empty = full + STAGES;
+  float* const row_ss = reinterpret_cast<float*>(empty + STAGES);  // [kBM]: tile_stats' sums of squares
 
   static_assert(CM == 1 || CM == 2, "clusters of one or two blocks");
   // This block's tile: groups of kGroupM token tiles, token tile fastest, in units of
@@ -314,8 +325,8 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
   const int m0 = ((first_c + in_group % group_c) * CM + rank) * kBM, n0 = (in_group / group_c) * BN;
   const int m0_load = min(m0, (num_m - 1) * kBM);
   const int num_kt = kt_of.first[kt_of.num_chunks];
-  // stats_in_cluster with norm "chunk": m = split_k / K blocks per chunk, each range inside one
-  const bool by_chunk = stats_in_cluster && mode == static_cast<int>(NormMode::kChunk);
+  // tile_stats with norm "chunk": m = split_k / K blocks per chunk, each range inside one
+  const bool by_chunk = tile_stats && mode == static_cast<int>(NormMode::kChunk);
   const int per_chunk = by_chunk ? split_k / kt_of.num_chunks : 1;
   const int my_chunk = by_chunk ? k_rank / per_chunk : 0;
   const int range_first = by_chunk ? kt_of.first[my_chunk] : 0;
@@ -356,7 +367,7 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
         }
       }
     }
-    if (stats_in_cluster) cluster_sync();  // the consumers' barrier after their row sums
+    if (tile_stats && split_k > 1) cluster_sync();  // the consumers' barrier after their row sums
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int cw = wg - 1, tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
@@ -367,15 +378,15 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
-    float ss = 0.f;  // stats_in_cluster: this thread's half of token row 64 cw + tid / 2 of the tile
+    float ss = 0.f;  // tile_stats: over this thread's half of token row 64 cw + tid / 2 of the tile
     const int ss_row = tid / 2, ss_half = tid % 2;
     int c = 0;  // the chunk of the k-tile being multiplied
     while (c + 1 < K && kt_begin >= kt_of.first[c + 1]) ++c;
     for (int kt = kt_begin; kt < kt_end; ++kt) {
       const int i = kt - kt_begin, s = i % STAGES;
-      if (kt == kt_of.first[c + 1]) {  // chunk c + 1 begins (never with stats_in_cluster's "chunk" ranges)
+      if (kt == kt_of.first[c + 1]) {  // chunk c + 1 begins (never with tile_stats's "chunk" ranges)
         ++c;
-        if (mode == static_cast<int>(NormMode::kChunk) && !stats_in_cluster) {
+        if (mode == static_cast<int>(NormMode::kChunk) && !tile_stats) {
           wgmma_wait<0>();
           fence_acc(acc);
           const float lo = lo_ok ? scales[int64_t{row_lo} * K + c - 1] / scales[int64_t{row_lo} * K + c] : 1.f;
@@ -391,7 +402,7 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
       for (int k16 = 0; k16 < kBK / 16; ++k16)
         Wgmma<T, BN>::mma(acc, sw128_desc(a + 32 * k16), sw128_desc(b + 32 * k16));
       wgmma_commit();
-      if (stats_in_cluster) {  // while the group runs: 16-byte pieces 4 ss_half .. + 3, staggered
+      if (tile_stats) {  // while the group runs: 16-byte pieces 4 ss_half .. + 3, staggered
         const uint8_t* const arow = a + ss_row * (kBK * 2);  // by row so a warp's loads spread over
 #pragma unroll                                                // the banks
         for (int u = 0; u < 4; ++u) ss += sum_squares16<T>(arow + 16 * (4 * ss_half + ((u + ss_row) & 3)));
@@ -409,24 +420,29 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
     wgmma_wait<0>();
     fence_acc(acc);
 
-    // split_k > 1: the block's partial sums (and row sums) go to its shared memory, over the
-    // stages: first both consumer warpgroups' last wgmma groups (which read them) complete.
+    // split_k > 1: the block's partial sums go to its shared memory, over the stages: first
+    // both consumer warpgroups' last wgmma groups (which read them) complete.
     if (split_k > 1) asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-    if (stats_in_cluster) {
-      float* const row_ss = reinterpret_cast<float*>(smem) + kBM * kPartLd;  // [kBM], past the partial sums
+    if (tile_stats) {
       ss += __shfl_xor_sync(0xffffffffu, ss, 1);
       if (ss_half == 0) row_ss[64 * cw + ss_row] = ss;
-      cluster_sync();  // (the producer warpgroup's matching arrival follows its loop)
-      // the blocks that hold this block's chunk ("shared": all of them), and its width
-      const int p0 = by_chunk ? my_chunk * per_chunk : 0, p1 = by_chunk ? p0 + per_chunk : split_k;
-      const float width = static_cast<float>(
-          by_chunk ? (kt_of.first[my_chunk + 1] - kt_of.first[my_chunk]) * kBK : num_kt * kBK);
       const int r_lo = 64 * cw + 16 * warp + lane / 4;
       float ss_lo = 0.f, ss_hi = 0.f;
-      for (int p = p0; p < p1; ++p) {
-        ss_lo += ld_cluster_f32(row_ss + r_lo, static_cast<uint32_t>(p));
-        ss_hi += ld_cluster_f32(row_ss + r_lo + 8, static_cast<uint32_t>(p));
+      if (split_k > 1) {
+        cluster_sync();  // (the producer warpgroup's matching arrival follows its loop)
+        // the blocks that hold this block's chunk ("shared": all of them)
+        const int p0 = by_chunk ? my_chunk * per_chunk : 0, p1 = by_chunk ? p0 + per_chunk : split_k;
+        for (int p = p0; p < p1; ++p) {
+          ss_lo += ld_cluster_f32(row_ss + r_lo, static_cast<uint32_t>(p));
+          ss_hi += ld_cluster_f32(row_ss + r_lo + 8, static_cast<uint32_t>(p));
+        }
+      } else {  // this warpgroup's rows, summed by its own threads
+        asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
+        ss_lo = row_ss[r_lo];
+        ss_hi = row_ss[r_lo + 8];
       }
+      const float width = static_cast<float>(  // of the chunk ("shared": the row)
+          by_chunk ? (kt_of.first[my_chunk + 1] - kt_of.first[my_chunk]) * kBK : num_kt * kBK);
       scale_rows(acc, rsqrtf(ss_lo / width + eps), rsqrtf(ss_hi / width + eps));
     } else if (mode != static_cast<int>(NormMode::kNone)) {
       const int last = mode == static_cast<int>(NormMode::kChunk) ? c : 0;  // (the last k-tile's chunk)
@@ -548,12 +564,12 @@ std::atomic<int64_t> g_wgmma_cluster{1};
 // the pair in 80ab0d87a9d7-tune.json). Not yet run on a GPU; bench.tune times it.
 std::atomic<int64_t> g_wgmma_split_k{1};
 constexpr int64_t kMaxSplitK = 8;  // the portable cluster size
-// Where a split tile's blocks take the norm statistics from: 1 (the default) from the tiles
-// they stream, added up over the cluster (fc_wgmma_kernel's stats_in_cluster: one launch,
-// x read once), where it applies -- norm "shared", or norm "chunk" with split_k a multiple
-// of K (the by-size choice takes one when it keeps one block per multiprocessor); 0 the
-// pre-pass. Not yet run on a GPU; bench.tune times both.
-std::atomic<int64_t> g_wgmma_split_stats{1};
+// Where the kernel takes the norm statistics from: 1 (the default) from the tiles it
+// streams (fc_wgmma_kernel's tile_stats: one launch, x read once), where that applies --
+// norm "shared", and with the k range split, norm "chunk" with split_k a multiple of K (the
+// by-size choice takes one when it keeps one block per multiprocessor); 0 the pre-pass.
+// Not yet run on a GPU; bench.tune times both.
+std::atomic<int64_t> g_wgmma_tile_stats{1};
 
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
 
@@ -647,22 +663,22 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const int64_t token_tiles = ((T_ + kBM - 1) / kBM + CM - 1) / CM * CM;  // whole clusters
   const int64_t tiles_mn = token_tiles * ((N + BN - 1) / BN);
-  const bool stats_switch = g_wgmma_split_stats.load(std::memory_order_relaxed) == 1;
+  const bool stats_switch = g_wgmma_tile_stats.load(std::memory_order_relaxed) == 1;
   if (split_k == 0) {  // by size: as many blocks per tile as keep one block per multiprocessor
     split_k = std::clamp<int64_t>(sm_count(device) / tiles_mn, 1, kMaxSplitK);
     // norm "chunk" with the statistics from the cluster: a multiple of K, if one fits
     if (stats_switch && mode == NormMode::kChunk && split_k >= num_chunks) split_k -= split_k % num_chunks;
   }
-  const bool stats_in_cluster = stats_switch && split_k > 1 && mode != NormMode::kNone &&
-                                (mode == NormMode::kShared || split_k % num_chunks == 0);
-  const at::Tensor scales = stats_in_cluster ? at::Tensor() : fc_row_scales(tab, c, eps, mode, weight, stream);
+  const bool tile_stats = stats_switch && (mode == NormMode::kShared ||
+                                           (mode == NormMode::kChunk && split_k > 1 && split_k % num_chunks == 0));
+  const at::Tensor scales = tile_stats ? at::Tensor() : fc_row_scales(tab, c, eps, mode, weight, stream);
   configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
   const int64_t blocks = tiles_mn * split_k;
   const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
   if (CM == 1 && split_k == 1) {
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes_for(BN), stream>>>(
         wmap, xmaps, tiles, scales_ptr, static_cast<T*>(out.data_ptr()), static_cast<int>(T_), static_cast<int>(N),
-        static_cast<int>(mode), 1, eps, 0);
+        static_cast<int>(mode), 1, eps, static_cast<int>(tile_stats));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     cudaLaunchConfig_t cfg{};
@@ -679,7 +695,7 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
     cfg.numAttrs = 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, wmap, xmaps, tiles, scales_ptr, static_cast<T*>(out.data_ptr()),
                                       static_cast<int>(T_), static_cast<int>(N), static_cast<int>(mode),
-                                      static_cast<int>(split_k), eps, static_cast<int>(stats_in_cluster)));
+                                      static_cast<int>(split_k), eps, static_cast<int>(tile_stats)));
   }
   return true;
 }
@@ -735,7 +751,7 @@ int64_t fc_wgmma_cluster(int64_t value) { return query_or_set(g_wgmma_cluster, v
 
 int64_t fc_wgmma_split_k(int64_t value) { return query_or_set(g_wgmma_split_k, value); }
 
-int64_t fc_wgmma_split_stats(int64_t value) { return query_or_set(g_wgmma_split_stats, value); }
+int64_t fc_wgmma_tile_stats(int64_t value) { return query_or_set(g_wgmma_tile_stats, value); }
 
 int64_t fc_wgmma_tile_n(int64_t value) { return query_or_set(g_wgmma_tile_n, value); }
 
