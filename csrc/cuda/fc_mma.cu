@@ -321,7 +321,8 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
     case 28: return launch(fc_mma_kernel<T, 2, 8, 2>);
     case 41: return launch(fc_mma_kernel<T, 4, 1, 2>);
     case 42: return launch(fc_mma_kernel<T, 4, 2, 2>);
-    default: return launch(fc_mma_kernel<T, 4, 4, 1>);  // 44 (48 was declined above)
+    case 44: return launch(fc_mma_kernel<T, 4, 4, 1>);
+    default: return false;  // (48 was declined above; the features switch takes 16 / 32 / 64 only)
   }
 }
 

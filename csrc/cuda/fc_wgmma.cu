@@ -302,7 +302,9 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
   constexpr int A_BYTES = kBM * kBK * 2, STAGE_BYTES = (kBM + BN) * kBK * 2;
   constexpr int kConsumerThreads = 256;
   constexpr int kGroupM = 8;  // token tiles per group of the tile order
-  constexpr int kPartLd = BN + 4;  // row stride (floats) of the split-k partial sums in shared memory
+  // row stride (floats) of the split-k partial sums in shared memory: 8 mod 32, so a half
+  // warp's 8-byte stores (4 rows x 4 column pairs) fall on 32 different banks
+  constexpr int kPartLd = BN + 8;
   static_assert(kBM * kPartLd * 4 <= STAGES * STAGE_BYTES, "the partial sums fit over the stages");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* const smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -409,6 +411,9 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
       }
       wgmma_wait<1>();  // the group of k-tile kt - 1 is complete: its stage can be refilled
       fence_acc(acc);
+      // CM > 1 releases a stage through one thread per warpgroup (below): with tile_stats the
+      // warpgroup's other warps read the stage too, so they all finish reading first
+      if (CM > 1 && tile_stats) asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
       if (i > 0) {
         if constexpr (CM == 1) {
           mbar_arrive(&empty[(i - 1) % STAGES]);
@@ -558,7 +563,8 @@ std::atomic<int64_t> g_wgmma_cluster{1};
 
 // Blocks per cluster splitting each tile's k-tiles (fc_wgmma_kernel's split_k): 1 (the
 // default: no split), 2..8, or 0 to choose by size (as many as keep the blocks within one
-// per multiprocessor: at T <= 128 and BN = 128, 4 for N=4096, 3 for 5120, 2 for 7168). For
+// per multiprocessor, and their clusters within what the GPCs hold at once: at T <= 128 and
+// BN = 128 on 132 multiprocessors, at most 4 for N=4096, 3 for 5120, 2 for 7168). For
 // the decode sizes, where a 128-token tile leaves too few tiles to stream the weight from
 // every multiprocessor (T=128, H=4096: 32 tiles of 128 features; 76.9 us against 49.3 for
 // the pair in 80ab0d87a9d7-tune.json). Not yet run on a GPU; bench.tune times it.
@@ -631,6 +637,36 @@ bool wgmma_runs_here(const void* kernel, int device) {
   return ok;
 }
 
+// How many clusters of `size` blocks of `kernel` (kThreads threads, `smem` bytes each) the
+// device holds at once: clusters stay inside one GPC, so with one block per multiprocessor
+// this can be fewer than the multiprocessors / size. Cached per device, kernel and size; the
+// caller has made `device` current and set the kernel's shared-memory limit. Where the
+// query fails, multiprocessors / size.
+int64_t max_active_clusters(const void* kernel, int device, int size, int smem) {
+  static std::mutex mu;
+  static std::map<std::pair<std::pair<int, const void*>, int>, int64_t> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(std::make_pair(device, kernel), size);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(size));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(size);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  int64_t n = sm_count(device) / size;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess) n = clusters;
+  else (void)cudaGetLastError();
+  known[key] = n;
+  return n;
+}
+
 template <typename T, int BN, int CM>
 bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out,
                  int64_t split_k) {
@@ -661,18 +697,27 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
   if (!encode_map(&wmap, dt, weight.data_ptr(), c.total_width, N, weight.stride(0) * 2, BN / CM)) return false;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
   const int64_t token_tiles = ((T_ + kBM - 1) / kBM + CM - 1) / CM * CM;  // whole clusters
   const int64_t tiles_mn = token_tiles * ((N + BN - 1) / BN);
   const bool stats_switch = g_wgmma_tile_stats.load(std::memory_order_relaxed) == 1;
-  if (split_k == 0) {  // by size: as many blocks per tile as keep one block per multiprocessor
-    split_k = std::clamp<int64_t>(sm_count(device) / tiles_mn, 1, kMaxSplitK);
-    // norm "chunk" with the statistics from the cluster: a multiple of K, if one fits
-    if (stats_switch && mode == NormMode::kChunk && split_k >= num_chunks) split_k -= split_k % num_chunks;
+  if (split_k == 0) {
+    // By size: the most blocks per tile whose clusters all fit on the device at once (one
+    // block per multiprocessor); for norm "chunk" with the statistics from the cluster, the
+    // most that are a multiple of K, if one fits.
+    int64_t fit = 1, fit_k = 0;
+    for (int64_t s = std::min<int64_t>(kMaxSplitK, sm_count(device) / tiles_mn); s >= 2; --s) {
+      if (tiles_mn > max_active_clusters(reinterpret_cast<const void*>(kernel), device, static_cast<int>(s),
+                                         smem_bytes_for(BN)))
+        continue;
+      if (fit == 1) fit = s;
+      if (fit_k == 0 && s % num_chunks == 0) fit_k = s;
+    }
+    split_k = stats_switch && mode == NormMode::kChunk && fit_k > 0 ? fit_k : fit;
   }
   const bool tile_stats = stats_switch && (mode == NormMode::kShared ||
                                            (mode == NormMode::kChunk && split_k > 1 && split_k % num_chunks == 0));
   const at::Tensor scales = tile_stats ? at::Tensor() : fc_row_scales(tab, c, eps, mode, weight, stream);
-  configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
   const int64_t blocks = tiles_mn * split_k;
   const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
   if (CM == 1 && split_k == 1) {
