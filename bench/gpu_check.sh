@@ -104,7 +104,8 @@ echo "== gpu_check summary"
 printf '%s\n' "${SUMMARY[@]}"
 grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | grep -E " in [0-9.]+s" | tail -2
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cases:|diagnose_wgmma:" "$LOG"
-sed -n '/^===== tune: /,/^===== tune: rc/p' "$LOG" | grep -E "^\||copy"
+sed -n '/^===== tune: /,/^===== tune: rc/p' "$LOG" | grep -E " copy [0-9]"
+sed -n '/^| op | T | H | fastest/,/^===== tune: rc/p' "$LOG" | grep -E "^\|"  # the tune's per-case summary
 md=$(ls "$OUT"/*.md 2>/dev/null | head -1)
 [ -n "$md" ] && sed -n '/^## Summary/,/^## Every/p' "$md" | grep -E "^\|" | cut -c1-160
 exit $failed

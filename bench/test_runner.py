@@ -171,3 +171,21 @@ def test_tune_times_variants_together():
     for name, path, us, err in results:
         assert path == "pair" and us > 0 and err < 1e-2, (name, path, us, err)
     assert torch.ops.eagle3._fc_mma_max_tokens(-1) == before
+
+
+def test_tune_summary_names_each_case_fastest_variant():
+    """bench.tune's closing table: per case (op, norm, T, H) the fastest variant and the first
+    variant's and the pair's times over it; a case without the pair shows "-"."""
+    from bench import tune
+    row = lambda op, norm, T, variant, us: dict(op=op, norm=norm, T=T, H=4096, variant=variant,  # noqa: E731
+                                               path=variant.split()[0], us=us)
+    fc = "rms_norm_cat_linear"
+    rows = [row(fc, "chunk", 8, "default", 50.0), row(fc, "chunk", 8, "mma f32", 40.0),
+            row(fc, "chunk", 8, "norm_cat+cuBLAS", 44.0), row(fc, "shared", 8, "default", 30.0),
+            row("fused_add_rms_norm", None, 1, "default", 2.0),
+            row("fused_add_rms_norm", None, 1, "registers+w v1", 2.5)]
+    lines = tune.summary(rows)
+    assert lines[2] == "| rms_norm_cat_linear (chunk) | 8 | 4096 | mma f32 (mma) | 40.0 | default | 1.250 | 1.100 |"
+    assert lines[3] == "| rms_norm_cat_linear (shared) | 8 | 4096 | default (default) | 30.0 | default | 1.000 | - |"
+    assert lines[4] == "| fused_add_rms_norm | 1 | 4096 | default (default) | 2.0 | default | 1.000 | - |"
+    assert len(lines) == 5

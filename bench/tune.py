@@ -87,6 +87,25 @@ def _time_variants(case: C.Case, variants, budget: timing.Budget, cache_bytes: i
     return results, failed
 
 
+def summary(rows: list) -> list:
+    """Markdown lines: per case (op, norm, T, H), its fastest variant beside the default
+    (the first variant) and rms_norm_cat + cuBLAS where timed, with their times over the
+    fastest one's -- the figures the defaults are chosen from."""
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["op"], r.get("norm"), r["T"], r["H"]), []).append(r)
+    lines = ["| op | T | H | fastest | us | first variant | x fastest | pair x fastest |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (op, norm, T, H), rs in cases.items():
+        best = min(rs, key=lambda r: r["us"])
+        pair = next((r for r in rs if r["variant"] == "norm_cat+cuBLAS"), None)
+        name = op + (f" ({norm})" if norm else "")
+        pair_x = f"{pair['us'] / best['us']:.3f}" if pair else "-"
+        lines.append(f"| {name} | {T} | {H} | {best['variant']} ({best['path']}) | {best['us']:.1f} | "
+                     f"{rs[0]['variant']} | {rs[0]['us'] / best['us']:.3f} | {pair_x} |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the rows as JSON here")
@@ -120,6 +139,7 @@ def main() -> None:
 
     try:
         _sweep(measure, parts)
+        print("\n" + "\n".join(summary(rows)))
     finally:
         # the rows measured so far are written even when a kernel fails (the CUDA context
         # may be unusable by then, so nothing below touches the device)
@@ -162,8 +182,9 @@ def _sweep(measure, parts) -> None:
                                        norm_stage_weights=stage_w, norm_vecs_per_thread=vecs))
                            for name, limit, regs, split, stage_w, vecs in variants])
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-    # the wgmma kernel with its k range split over clusters (by size), unless gpu_check.sh's
-    # tests of it failed (a trap would end this process)
+    # the wgmma kernel's newest paths -- its k range split over clusters, its statistics from
+    # the tiles (the "prefill" part) -- unless gpu_check.sh's tests of the kernel failed (a
+    # trap would end this process)
     split_k = hopper and not os.environ.get("EAGLE3_TUNE_NO_SPLIT_K")
     for H in (4096, 5120, 7168) if "fc" in parts else ():
         for T in (1, 2, 4, 8, 16, 32, 64):
@@ -176,14 +197,14 @@ def _sweep(measure, parts) -> None:
                                                 fc_mma_features=f)) for f in (16, 32, 64) if f < 64 or T <= 32]
             if T >= 8 and split_k:  # "sk": the statistics from the cluster, "sk pre": the pre-pass
                 variants += [(f"wgmma-{bn} sk{' pre' if pre else ''}",
-                              dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_tile_n=bn,
-                                   fc_wgmma_split_k=0, fc_wgmma_tile_stats=0 if pre else 1))
+                              dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1,
+                                   fc_wgmma_tile_n=bn, fc_wgmma_split_k=0, fc_wgmma_tile_stats=0 if pre else 1))
                              for bn, pre in ((128, False), (256, False), (128, True))]
             measure(case, variants + [("norm_cat+cuBLAS", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0))])
     # The wgmma kernel's norm statistics at prefill sizes: norm "shared" from the blocks' own
     # tiles ("wgmma-256", "c2") against the pre-pass ("pre"); norm "chunk" from a cluster of
     # K = 3 blocks per tile, one chunk each ("sk3"), against the pre-pass kernels.
-    for H in (4096, 7168) if "prefill" in parts and hopper else ():
+    for H in (4096, 7168) if "prefill" in parts and split_k else ():
         for T in (2048, 16384):
             for norm in ("shared", "chunk"):
                 case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm=norm)
