@@ -205,6 +205,76 @@ def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, cluster, 
     free_cuda()
 
 
+# A fresh process whose first call of each kernel configuration happens inside the capture
+# (no warm-up): the host-side first-call work -- tensor maps, shared-memory attributes,
+# occupancy and cluster-occupancy queries, the cached checks of the sm_90a build -- must be
+# legal while the stream captures. Each configuration is checked on replay against float64.
+FIRST_CALLS = r"""
+import sys, torch, eagle3_ops
+from eagle3_ops import reference
+from eagle3_ops.ops import kernel_switches
+torch.manual_seed(0)
+hopper = torch.cuda.get_device_capability()[0] == 9
+off = dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_adjacent_gemm=0)
+configs = [
+    ("decode", dict(fc_decode_max_tokens=1), 1, "decode"),
+    ("mma f32", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=64, fc_mma_max_waves=0, fc_mma_features=32), 24, "mma"),
+]
+if hopper:
+    configs += [
+        ("wgmma", dict(off, fc_wgmma_min_tokens=1, fc_wgmma_tile_n=256), 300, "wgmma"),
+        ("wgmma split by size", dict(off, fc_wgmma_min_tokens=1, fc_wgmma_split_k=0), 64, "wgmma"),
+        ("wgmma c2", dict(off, fc_wgmma_min_tokens=1, fc_wgmma_cluster=2), 300, "wgmma"),
+    ]
+bad = 0
+for name, switches, T, path in configs:
+    with kernel_switches(**switches):
+        for norm in ("chunk", "shared"):
+            x = torch.randn(T, 3 * 1024, device="cuda", dtype=torch.bfloat16)
+            xs = list(x.split(1024, dim=-1))
+            W = (torch.randn(1000, 3 * 1024, device="cuda") / 32).to(torch.bfloat16)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = eagle3_ops.rms_norm_cat_linear(xs, W, 1e-6, norm)
+            took = torch.ops.eagle3._fc_last_path()
+            x.copy_(torch.randn_like(x))
+            g.replay()
+            torch.cuda.synchronize()
+            ref = reference.rms_norm_cat_linear_fp64(xs, W, 1e-6, norm)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            ok = took == path and err < 2e-2
+            bad += not ok
+            print(f"{name} {norm}: path {took}, relative error {err:.2g}{'' if ok else '  WRONG'}")
+for op in ("rms_norm_cat", "fused_add_rms_norm"):
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = (eagle3_ops.rms_norm_cat([x], [w], 1e-6) if op == "rms_norm_cat"
+               else eagle3_ops.fused_add_rms_norm(x, r, w, 1e-6)[0])
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = (reference.rms_norm_cat_fp64([x], [w], 1e-6) if op == "rms_norm_cat"
+           else reference.fused_add_rms_norm_fp64(x, r, w, 1e-6)[0])
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    bad += not err < 2e-2
+    print(f"{op}: relative error {err:.2g}{'' if err < 2e-2 else '  WRONG'}")
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_graph_first_calls_captured():
+    """Each kernel configuration's first call in the process made inside a CUDA-graph
+    capture, then replayed with fresh data (FIRST_CALLS; a subprocess, so the caches of
+    this process's earlier calls do not hide a first-call step that capture refuses)."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_graph_all_ops_one_graph(seed):
     """A drafter step's three ops captured together in one graph, T = 1 and 4."""
     rng = Rng(seed, DEV)

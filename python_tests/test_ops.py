@@ -1122,6 +1122,7 @@ def cuda_kernel_names(fn) -> list[str]:
     pytest.param("chunk", [192] * 3, 1, 3, 0, True, id="chunk-K3-sk3-prepass"),
     pytest.param("chunk", [128, 64], 1, 3, 1, True, id="chunk-K2-sk3-prepass"),
     pytest.param("chunk", [192] * 3, 1, 1, 1, True, id="chunk-no-split-prepass"),
+    pytest.param("chunk", [576], 1, 1, 1, False, id="chunk-K1-no-split-tiles"),
     pytest.param("shared", [128, 64], 1, 3, 1, False, id="shared-K2-sk3-tiles"),
     pytest.param("shared", [192] * 3, 1, 1, 1, False, id="shared-no-split-tiles"),
     pytest.param("shared", [192] * 3, 2, 1, 1, False, id="shared-c2-tiles"),
@@ -1133,8 +1134,8 @@ def test_rms_norm_cat_linear_wgmma_tile_statistics(device, seed, norm, widths, c
     """The wgmma kernel takes the norm statistics from the tiles it streams (one launch, no
     statistics pre-pass kernel) where _fc_wgmma_tile_stats(1) applies: norm "shared" (each
     block's own rows, also in multicast pairs; or added up over a split's cluster), and
-    "chunk" with a split that is a multiple of K (the by-size choice makes it one); else the
-    pre-pass runs; norm "none" has none. Hopper only."""
+    "chunk" with a split that is a multiple of K (the by-size choice makes it one) or over
+    one chunk; else the pre-pass runs; norm "none" has none. Hopper only."""
     if not wgmma_expected(device):
         pytest.skip("the wgmma kernel needs a compute capability 9.x card")
     rng = Rng(seed, device)

@@ -276,13 +276,14 @@ fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunk
 // (fewer k-tiles than blocks) contributes zeros.
 //
 // tile_stats (_fc_wgmma_tile_stats): the norm statistics from the tiles the blocks stream,
-// no pre-pass and no `scales`; for norm "shared", and with split_k > 1 for "chunk". While
+// no pre-pass and no `scales`; for norm "shared" (and "chunk" over one chunk), and with
+// split_k > 1 for "chunk". While
 // the wgmma of a k-tile runs, the consumer threads add up the squares of its token rows
 // from the stage (two threads per row, 64 bytes each; the 128-byte swizzle permutes 16-byte
 // pieces within a row, so which piece is which does not matter for the sum), and after the
 // k loop the accumulators are scaled by rsqrt(mean + eps) of their rows:
-//  - split_k == 1 (norm "shared"): the block streams every k-tile of its rows, so its own
-//    sums are the statistic.
+//  - split_k == 1 (norm "shared", or "chunk" with K = 1): the block streams every k-tile of
+//    its rows, so its own sums are the statistic.
 //  - split_k > 1: norm "chunk" takes split_k = K m and gives chunk k to blocks
 //    [k m, (k + 1) m), each taking 1/m of its k-tiles, so every block's k range lies in one
 //    chunk ("shared": the even split). Each block puts its per-row sums in shared memory;
@@ -413,7 +414,7 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
       fence_acc(acc);
       // CM > 1 releases a stage through one thread per warpgroup (below): with tile_stats the
       // warpgroup's other warps read the stage too, so they all finish reading first
-      if (CM > 1 && tile_stats) asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
+      if (CM > 1 && tile_stats && i > 0) asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cw) : "memory");
       if (i > 0) {
         if constexpr (CM == 1) {
           mbar_arrive(&empty[(i - 1) % STAGES]);
@@ -641,7 +642,7 @@ bool wgmma_runs_here(const void* kernel, int device) {
 // device holds at once: clusters stay inside one GPC, so with one block per multiprocessor
 // this can be fewer than the multiprocessors / size. Cached per device, kernel and size; the
 // caller has made `device` current and set the kernel's shared-memory limit. Where the
-// query fails, multiprocessors / size.
+// query fails, multiprocessors / size (not cached: the next call asks again).
 int64_t max_active_clusters(const void* kernel, int device, int size, int smem) {
   static std::mutex mu;
   static std::map<std::pair<std::pair<int, const void*>, int>, int64_t> known;
@@ -660,11 +661,12 @@ int64_t max_active_clusters(const void* kernel, int device, int size, int smem) 
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int clusters = 0;
-  int64_t n = sm_count(device) / size;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess) n = clusters;
-  else (void)cudaGetLastError();
-  known[key] = n;
-  return n;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return sm_count(device) / size;
+  }
+  known[key] = clusters;
+  return clusters;
 }
 
 template <typename T, int BN, int CM>
@@ -715,8 +717,10 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
     }
     split_k = stats_switch && mode == NormMode::kChunk && fit_k > 0 ? fit_k : fit;
   }
-  const bool tile_stats = stats_switch && (mode == NormMode::kShared ||
-                                           (mode == NormMode::kChunk && split_k > 1 && split_k % num_chunks == 0));
+  // (norm "chunk" over one chunk is norm "shared")
+  const bool tile_stats =
+      stats_switch && (mode == NormMode::kShared ||
+                       (mode == NormMode::kChunk && (num_chunks == 1 || (split_k > 1 && split_k % num_chunks == 0))));
   const at::Tensor scales = tile_stats ? at::Tensor() : fc_row_scales(tab, c, eps, mode, weight, stream);
   const int64_t blocks = tiles_mn * split_k;
   const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
