@@ -73,8 +73,9 @@ def run(one: bool) -> int:
     # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only
     # ones it takes), also with its k range split over clusters of three and in clusters of
     # two, rms_norm_cat with one block per (row, chunk), and the norm weights staged with the
-    # rows (blocks of one and two vectors per thread); the split's statistics from the
-    # cluster where they apply (K=3 and K=1 with norm "chunk", every K with "shared").
+    # rows (blocks of one and two vectors per thread). The wgmma kernel takes the norm
+    # statistics from its tiles where they apply (its default): norm "shared" and one-chunk
+    # "chunk" in every pass, and with the k range split over three blocks, K=3 "chunk".
     passes = (
         (dict(fc_decode_max_tokens=8), (False, True)),
         (dict(norm_stage_limit=0), (False, True)),

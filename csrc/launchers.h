@@ -64,7 +64,7 @@ int64_t fc_mma_max_waves(int64_t value);
 int64_t fc_mma_features(int64_t value);
 // The Hopper tensor-core fc for fc_wgmma_min_tokens <= T <= fc_wgmma_max_tokens (bf16 / fp16,
 // sm_90a build on a compute capability 9.x device; TMA + wgmma: per-token chunk scales from
-// a pre-pass or, split over a cluster, from the tiles it streams, applied to its
+// a pre-pass or from the tiles it streams (fc_wgmma_tile_stats), applied to its
 // accumulators); false where it does not apply.
 bool launch_fc_wgmma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
 // Smallest T served by launch_fc_wgmma (0 disables it, the default); sets it and returns

@@ -91,8 +91,9 @@ TORCH_LIBRARY(eagle3, m) {
                            EAGLE3_CUDA_SETTER(fc_wgmma_split_k), 1);
   });
   // Where that kernel takes the norm statistics from: 1 (the default) from the tiles it
-  // streams, where that applies (norm "shared"; with the k range split, added up over the
-  // cluster, also "chunk" with the split a multiple of the chunk count); 0 a pre-pass kernel.
+  // streams, where that applies (norm "shared" and one-chunk "chunk"; with the k range split,
+  // added up over the cluster, also "chunk" with the split a multiple of the chunk count); 0
+  // a pre-pass kernel.
   m.def("_fc_wgmma_tile_stats(int value=-1) -> int", [](int64_t value) {
     return strategy_switch("_fc_wgmma_tile_stats", value, value == 0 || value == 1, ", 0 or 1",
                            EAGLE3_CUDA_SETTER(fc_wgmma_tile_stats), 1);

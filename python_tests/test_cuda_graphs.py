@@ -218,7 +218,8 @@ hopper = torch.cuda.get_device_capability()[0] == 9
 off = dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_adjacent_gemm=0)
 configs = [
     ("decode", dict(fc_decode_max_tokens=1), 1, "decode"),
-    ("mma f32", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=64, fc_mma_max_waves=0, fc_mma_features=32), 24, "mma"),
+    # (its one-wave check queries the occupancy)
+    ("mma f32", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=64, fc_mma_features=32), 24, "mma"),
 ]
 if hopper:
     configs += [

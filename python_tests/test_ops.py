@@ -1042,16 +1042,15 @@ def wgmma_expected(device) -> bool:
                         (128, 1, 3, 0), (256, 1, 0, 1)],
                 ids=["bn128", "bn256", "bn128-c2", "bn256-c2", "bn128-sk3", "bn128-sk3-prepass", "bn256-sk-by-size"])
 def wgmma_from_1(request, device):
-    """Route every T through the fc's wgmma kernel (off by default), with
-    the decode and mma kernels off, the given features per block, blocks per cluster
-    (2: the weight tiles multicast) and split of the k range over a cluster (3; 0: by size,
-    8 for these few tiles on an H100, with norm "chunk" a multiple of K, so most tests here
-    leave some blocks no k-tile) with the norm statistics taken from the streamed tiles (1:
-    where that applies, every K with norm "shared", and with "chunk" split over a cluster the
-    K that divide the split; 5 chunks, and 2 at a split of 3, take the pre-pass) or from the
-    pre-pass (0), norm "none" on
-    views of one tensor too (_fc_adjacent_gemm off); restores them all. CUDA only: on the
-    CPU these calls are the pair the other grids already cover."""
+    """Route every T through the fc's wgmma kernel (off by default), with the decode and mma
+    kernels off, and with norm "none" on views of one tensor too (_fc_adjacent_gemm off):
+    the given features per block; blocks per cluster (2: the weight tiles multicast); split
+    of the k range over a cluster (3; 0: by size, 8 for these few tiles on an H100, with
+    norm "chunk" a multiple of K, so most tests here leave some blocks no k-tile); and the
+    norm statistics from the streamed tiles (1, where that applies: norm "shared" and
+    one-chunk "chunk" always, "chunk" split over a cluster when K divides the split, so 5
+    chunks, and 2 at a split of 3, take the pre-pass) or from the pre-pass (0). Restores
+    them all. CUDA only: on the CPU these calls are the pair the other grids already cover."""
     if torch.device(device).type != "cuda":
         pytest.skip("the wgmma kernel is a CUDA path; the CPU takes the pair, covered above")
     tile_n, cluster, split_k, tile_stats = request.param
@@ -1204,7 +1203,8 @@ SWITCH_ERRORS = {
     "fc_mma_max_waves": (-2, "_fc_mma_max_waves: value must be -1 (query) or a wave count >= 0, got -2"),
     "fc_mma_features": (48, "_fc_mma_features: value must be -1 (query), 0 (by T), 16, 32 or 64, got 48"),
     "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),
-    "fc_wgmma_max_tokens": (-2, "_fc_wgmma_max_tokens: value must be -1 (query) or a token count >= 0 (0: no limit), got -2"),
+    "fc_wgmma_max_tokens": (-2, "_fc_wgmma_max_tokens: value must be -1 (query) or a token count >= 0 "
+                                "(0: no limit), got -2"),
     "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
     "fc_wgmma_cluster": (0, "_fc_wgmma_cluster: value must be -1 (query), 1 or 2, got 0"),
     "fc_wgmma_split_k": (9, "_fc_wgmma_split_k: value must be -1 (query), 0 (by size) or 1..8, got 9"),
