@@ -131,18 +131,23 @@ __device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap*
       "h"(mask)
       : "memory");
 }
+// The shared::cluster address of `p`'s offset in the shared memory of CTA `cta` of the
+// cluster (this CTA too).
+__device__ __forceinline__ uint32_t cluster_addr(const void* p, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(cta));
+  return remote;
+}
 // One arrival on the barrier at `bar`'s offset in CTA `cta` of the cluster (this CTA too).
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta));
+  const uint32_t remote = cluster_addr(bar, cta);
   // (no .release.cluster: it would fence the whole GPU on every k-tile, and the only thing
   // to order, the wgmma group's shared-memory reads, is complete after wgmma.wait_group)
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 // Four floats at `p`'s offset in the shared memory of CTA `cta` of the cluster.
 __device__ __forceinline__ float4 ld_cluster_f4(const float* p, uint32_t cta) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(cta));
+  const uint32_t remote = cluster_addr(p, cta);
   float4 v;
   asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
                : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
@@ -152,8 +157,7 @@ __device__ __forceinline__ float4 ld_cluster_f4(const float* p, uint32_t cta) {
 }
 // The float at `p`'s offset in the shared memory of CTA `cta` of the cluster.
 __device__ __forceinline__ float ld_cluster_f32(const float* p, uint32_t cta) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(cta));
+  const uint32_t remote = cluster_addr(p, cta);
   float v;
   asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
   return v;
@@ -374,7 +378,8 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int cw = wg - 1, tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
-    const int row_lo = m0 + 64 * cw + 16 * warp + lane / 4, row_hi = row_lo + 8;  // this thread's tokens
+    const int r_lo = 64 * cw + 16 * warp + lane / 4;  // this thread's accumulator rows in the tile: r_lo, + 8
+    const int row_lo = m0 + r_lo, row_hi = row_lo + 8;  // its tokens
     const bool lo_ok = row_lo < num_tokens, hi_ok = row_hi < num_tokens;
     const int K = kt_of.num_chunks;
     float acc[BN / 2];
@@ -432,7 +437,6 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
     if (tile_stats) {
       ss += __shfl_xor_sync(0xffffffffu, ss, 1);
       if (ss_half == 0) row_ss[64 * cw + ss_row] = ss;
-      const int r_lo = 64 * cw + 16 * warp + lane / 4;
       float ss_lo = 0.f, ss_hi = 0.f;
       if (split_k > 1) {
         cluster_sync();  // (the producer warpgroup's matching arrival follows its loop)
@@ -456,7 +460,6 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
     }
     if (split_k > 1) {
       float* const part = reinterpret_cast<float*>(smem);  // [kBM][kPartLd]
-      const int r_lo = 64 * cw + 16 * warp + lane / 4;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         const int col = 8 * j + 2 * (lane % 4);
@@ -638,6 +641,23 @@ bool wgmma_runs_here(const void* kernel, int device) {
   return ok;
 }
 
+// A launch of `grid` blocks of kThreads threads with `smem` bytes each, in clusters of
+// `size` blocks along x; `attr` holds the cluster attribute `cfg` points to.
+void cluster_launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, unsigned grid, unsigned size,
+                           size_t smem, cudaStream_t stream) {
+  cfg = cudaLaunchConfig_t{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = size;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+}
+
 // How many clusters of `size` blocks of `kernel` (kThreads threads, `smem` bytes each) the
 // device holds at once: clusters stay inside one GPC, so with one block per multiprocessor
 // this can be fewer than the multiprocessors / size. Cached per device, kernel and size; the
@@ -649,17 +669,10 @@ int64_t max_active_clusters(const void* kernel, int device, int size, int smem) 
   const std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_pair(std::make_pair(device, kernel), size);
   if (const auto it = known.find(key); it != known.end()) return it->second;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(size));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(size);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  cluster_launch_config(cfg, attr, static_cast<unsigned>(size), static_cast<unsigned>(size), static_cast<size_t>(smem),
+                        nullptr);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -730,18 +743,10 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
         static_cast<int>(mode), 1, eps, static_cast<int>(tile_stats));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem_bytes_for(BN);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(CM * split_k);  // one of the two is 1
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchConfig_t cfg;
+    cudaLaunchAttribute attr;
+    cluster_launch_config(cfg, attr, static_cast<unsigned>(blocks), static_cast<unsigned>(CM * split_k),  // one is 1
+                          smem_bytes_for(BN), stream);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, wmap, xmaps, tiles, scales_ptr, static_cast<T*>(out.data_ptr()),
                                       static_cast<int>(T_), static_cast<int>(N), static_cast<int>(mode),
                                       static_cast<int>(split_k), eps, static_cast<int>(tile_stats)));
