@@ -6,6 +6,7 @@
 #   GPU_CHECK_PROFILE=1 bash bench/gpu_check.sh OUTDIR           # add Nsight Compute (profile_cases.py)
 #   GPU_CHECK_BUDGET_S=560 bash bench/gpu_check.sh OUTDIR        # end within 560 s (benchmark cut short)
 #   GPU_CHECK_TUNE_ARGS="--parts norm,fc" bash bench/gpu_check.sh OUTDIR  # a shorter tune
+#   GPU_CHECK_TUNE_S=200 bash bench/gpu_check.sh OUTDIR          # the tune's time limit (150 s)
 #
 # Needs python3 with torch (CUDA), nvcc, cmake, ninja, pytest; no network. Writes into
 # OUTDIR few files (a lent GPU machine returns at most 8): gpu_check.log (every step's
@@ -79,7 +80,7 @@ step tests-tc timeout 90 $PY -m pytest python_tests -m cuda -q -p no:cacheprovid
 # if it fails, the tune leaves its variants out (a trap would end the tune's process)
 step tests-c2 timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "c2" \
   || export EAGLE3_TUNE_NO_CLUSTER=1
-step tune timeout 150 $PY -m bench.tune --out "$OUT/tune.json" ${GPU_CHECK_TUNE_ARGS:-}
+step tune timeout ${GPU_CHECK_TUNE_S:-150} $PY -m bench.tune --out "$OUT/tune.json" ${GPU_CHECK_TUNE_ARGS:-}
 step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "not wgmma and not tensor_cores" --junitxml="$OUT/tests.xml"
 # Nsight Compute on the cases the benchmark leaves unexplained (bench/profile_cases.py);
 # about a minute, so only with GPU_CHECK_PROFILE=1

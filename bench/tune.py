@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 
 import torch
 
@@ -137,6 +138,10 @@ def main() -> None:
         if failed is not None:
             raise failed
 
+    def stop(signum, frame):  # `timeout`'s SIGTERM: end through the finally below
+        raise SystemExit(f"tune: stopped by signal {signum} after {len(rows)} rows")
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         _sweep(measure, parts)
         print("\n" + "\n".join(summary(rows)))
