@@ -81,11 +81,11 @@ def run(one: bool) -> int:
         (dict(norm_stage_limit=0), (False, True)),
         (dict(norm_registers=1, fc_mma_max_tokens=64, fc_mma_features=32), (False, True)),
         (dict(fc_mma_max_tokens=64, fc_mma_max_waves=0, fc_mma_features=64), (True,)),
-        (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1), (True,)),
+        (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_tile_stats=1), (True,)),
         (dict(norm_split_chunks=1), (False, True)),
         (dict(norm_stage_weights=64, norm_vecs_per_thread=1), (False, True)),
         (dict(norm_split_chunks=1, norm_stage_weights=64, norm_vecs_per_thread=2), (True,)),
-        (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_cluster=2), (True,)),
+        (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_cluster=2, fc_wgmma_tile_stats=1), (True,)),
         # last: the newest kernel paths, and a trap would end the process: the split k range
         # with the statistics pre-pass, then with the statistics added up over the cluster
         (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_split_k=3,

@@ -15,9 +15,9 @@ features per block ("mma f16" ...: ``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0
 clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``, the norm statistics
 added up over the cluster; "wgmma-128 sk pre": from a pre-pass, ``_fc_wgmma_tile_stats(0)``),
 and rms_norm_cat + cuBLAS. On Hopper, ``--parts prefill``: the wgmma kernel's norm
-statistics at T = 2048 / 16384, H = 4096 / 7168, norm "shared" (from each block's tiles, in
-multicast pairs too, or from the pre-pass) and "chunk" (the pre-pass, or one block per chunk
-of a cluster of three, "sk3"); ``--parts wgmma``: the wgmma kernel (128 or 256 features per
+statistics at T = 2048 / 16384, H = 4096 / 7168, norm "shared" (from the pre-pass, in
+multicast pairs too, or from each block's tiles) and "chunk" (the pre-pass, or one block per
+chunk of a cluster of three, "sk3"); ``--parts wgmma``: the wgmma kernel (128 or 256 features per
 block; "c2": clusters of two blocks multicasting the weight tiles; "sk" and "sk pre" at
 T=128) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster`` /
@@ -206,15 +206,16 @@ def _sweep(measure, parts) -> None:
                                    fc_wgmma_tile_n=bn, fc_wgmma_split_k=0, fc_wgmma_tile_stats=0 if pre else 1))
                              for bn, pre in ((128, False), (256, False), (128, True))]
             measure(case, variants + [("norm_cat+cuBLAS", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0))])
-    # The wgmma kernel's norm statistics at prefill sizes: norm "shared" from the blocks' own
-    # tiles ("wgmma-256", "c2") against the pre-pass ("pre"); norm "chunk" from a cluster of
-    # K = 3 blocks per tile, one chunk each ("sk3"), against the pre-pass kernels.
+    # The wgmma kernel's norm statistics at prefill sizes: the default (unsplit: the
+    # pre-pass, "wgmma-256", "c2") against norm "shared" from the blocks' own tiles
+    # ("tiles", _fc_wgmma_tile_stats(1)); norm "chunk" from a cluster of K = 3 blocks per
+    # tile, one chunk each ("sk3").
     for H in (4096, 7168) if "prefill" in parts and split_k else ():
         for T in (2048, 16384):
             for norm in ("shared", "chunk"):
                 case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm=norm)
                 wg = dict(fc_wgmma_min_tokens=1, fc_wgmma_tile_n=256)
-                variants = [("wgmma-256", wg), ("wgmma-256 pre", dict(wg, fc_wgmma_tile_stats=0))]
+                variants = [("wgmma-256", wg), ("wgmma-256 tiles", dict(wg, fc_wgmma_tile_stats=1))]
                 if not os.environ.get("EAGLE3_TUNE_NO_CLUSTER"):
                     variants += [("wgmma-256 c2", dict(wg, fc_wgmma_cluster=2))]
                 if norm == "chunk" and split_k:

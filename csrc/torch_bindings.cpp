@@ -90,13 +90,13 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_wgmma_split_k", value, value >= 0 && value <= 8, ", 0 (by size) or 1..8",
                            EAGLE3_CUDA_SETTER(fc_wgmma_split_k), 1);
   });
-  // Where that kernel takes the norm statistics from: 1 (the default) from the tiles it
-  // streams, where that applies (norm "shared" and one-chunk "chunk"; with the k range split,
-  // added up over the cluster, also "chunk" with the split a multiple of the chunk count); 0
-  // a pre-pass kernel.
+  // Where that kernel takes the norm statistics from: the tiles it streams, where that
+  // applies (norm "shared" and one-chunk "chunk"; with the k range split, added up over the
+  // cluster, also "chunk" with the split a multiple of the chunk count) -- 2 (the default)
+  // only with the k range split, 1 split or not -- or 0 a pre-pass kernel.
   m.def("_fc_wgmma_tile_stats(int value=-1) -> int", [](int64_t value) {
-    return strategy_switch("_fc_wgmma_tile_stats", value, value == 0 || value == 1, ", 0 or 1",
-                           EAGLE3_CUDA_SETTER(fc_wgmma_tile_stats), 1);
+    return strategy_switch("_fc_wgmma_tile_stats", value, value >= 0 && value <= 2, ", 0, 1 or 2",
+                           EAGLE3_CUDA_SETTER(fc_wgmma_tile_stats), 2);
   });
   // rms_norm_cat_linear with norm "none" over chunks that are consecutive column ranges of
   // one row-major matrix: 1 (the default) runs one GEMM on that matrix (CPU and CUDA
@@ -135,15 +135,18 @@ TORCH_LIBRARY(eagle3, m) {
                            EAGLE3_CUDA_SETTER(set_norm_stage_weights));
   });
   // Vectors per thread the CUDA norm kernels size their blocks for (4: a row of 4096 bf16
-  // gets 128 threads; 0, the default: 1 for launches of up to 64 rows, else 2).
+  // gets 128 threads; 0, the default: 1 for launches of up to 64 rows, else 2; except
+  // fused_add_rms_norm takes 1 up to 4095 rows, and rms_norm_cat 4 where it splits a launch
+  // of 4096 or more rows with chunks wider than 4096 elements by (row, chunk)).
   m.def("_norm_vecs_per_thread(int value=-1) -> int", [](int64_t value) {
     return strategy_switch("_norm_vecs_per_thread", value, value >= 0 && value <= 8, ", 0 (by rows) or 1..8",
                            EAGLE3_CUDA_SETTER(set_norm_vecs_per_thread));
   });
   // rms_norm_cat on CUDA with one block per (row, chunk) where the norm is per chunk: 0 never
-  // (one block per row), 1 always, 2 (the default) in launches of up to 64 rows.
+  // (one block per row), 1 always, 2 (the default) by size: in launches of up to 64 rows,
+  // and of 4096 or more rows whose widest chunk passes 4096 elements.
   m.def("_norm_split_chunks(int value=-1) -> int", [](int64_t value) {
-    return strategy_switch("_norm_split_chunks", value, value >= 0 && value <= 2, ", 0, 1 or 2 (up to 64 rows)",
+    return strategy_switch("_norm_split_chunks", value, value >= 0 && value <= 2, ", 0, 1 or 2 (by size)",
                            EAGLE3_CUDA_SETTER(set_norm_split_chunks));
   });
   // "cuda" when this build holds the CUDA kernels, else "cpu" (eagle3_ops.has_cuda_kernels()).

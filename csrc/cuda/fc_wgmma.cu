@@ -574,12 +574,18 @@ std::atomic<int64_t> g_wgmma_cluster{1};
 // the pair in 80ab0d87a9d7-tune.json). Not yet run on a GPU; bench.tune times it.
 std::atomic<int64_t> g_wgmma_split_k{1};
 constexpr int64_t kMaxSplitK = 8;  // the portable cluster size
-// Where the kernel takes the norm statistics from: 1 (the default) from the tiles it
-// streams (fc_wgmma_kernel's tile_stats: one launch, x read once), where that applies --
-// norm "shared", and with the k range split, norm "chunk" with split_k a multiple of K (the
-// by-size choice takes one when it keeps one block per multiprocessor); 0 the pre-pass.
-// Not yet run on a GPU; bench.tune times both.
-std::atomic<int64_t> g_wgmma_tile_stats{1};
+// Where the kernel takes the norm statistics from the tiles it streams (fc_wgmma_kernel's
+// tile_stats: one launch, x read once) instead of a pre-pass: 2 (the default) with the k
+// range split only, 1 wherever that applies, 0 never (the pre-pass). It applies to norm
+// "shared", and with the k range split to norm "chunk" with split_k a multiple of K (the
+// by-size choice takes one when it keeps one block per multiprocessor). H200, tune of
+// 7c333f2 (bench/results/nvidia-h200-7c333f2-tune.json): split (T = 8..64, H = 4096, 128
+// features, 4 blocks per tile) 54.3 / 52.0 / 56.9 us against 55.7 / 53.6 / 58.9 with the
+// pre-pass; unsplit (norm "shared", 256 features) 13-19% slower than with the pre-pass:
+// T=2048 H=4096 364.7 against 323.9 us, T=16384 3087 / 2639, H=7168 1261 / 1056 and
+// 9244 / 7766 (the consumers' extra shared-memory reads of the x tiles delay the wgmma
+// where it is compute-bound; the pre-pass's read of x costs less).
+std::atomic<int64_t> g_wgmma_tile_stats{2};
 
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
 
@@ -715,7 +721,7 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
   configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
   const int64_t token_tiles = ((T_ + kBM - 1) / kBM + CM - 1) / CM * CM;  // whole clusters
   const int64_t tiles_mn = token_tiles * ((N + BN - 1) / BN);
-  const bool stats_switch = g_wgmma_tile_stats.load(std::memory_order_relaxed) == 1;
+  const int64_t stats_switch = g_wgmma_tile_stats.load(std::memory_order_relaxed);
   if (split_k == 0) {
     // By size: the most blocks per tile whose clusters all fit on the device at once (one
     // block per multiprocessor); for norm "chunk" with the statistics from the cluster, the
@@ -728,11 +734,12 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
       if (fit == 1) fit = s;
       if (fit_k == 0 && s % num_chunks == 0) fit_k = s;
     }
-    split_k = stats_switch && mode == NormMode::kChunk && fit_k > 0 ? fit_k : fit;
+    split_k = stats_switch != 0 && mode == NormMode::kChunk && fit_k > 0 ? fit_k : fit;
   }
   // (norm "chunk" over one chunk is norm "shared")
   const bool tile_stats =
-      stats_switch && (mode == NormMode::kShared ||
+      (stats_switch == 1 || (stats_switch == 2 && split_k > 1)) &&
+      (mode == NormMode::kShared ||
                        (mode == NormMode::kChunk && (num_chunks == 1 || (split_k > 1 && split_k % num_chunks == 0))));
   const at::Tensor scales = tile_stats ? at::Tensor() : fc_row_scales(tab, c, eps, mode, weight, stream);
   const int64_t blocks = tiles_mn * split_k;
