@@ -915,8 +915,38 @@ def test_fused_add_rms_norm_vecs_per_thread(device, seed, dtype, H, strategy, ve
         check_fused_add(device, x, r, bases, rng.norm_weight(H, torch.float32), EPS)
 
 
+@pytest.mark.parametrize("op,T,widths,shared,plan", [
+    ("rms_norm_cat", 4096, [7168] * 3, False, "staged+split 224"),   # wide chunks, large launch
+    ("rms_norm_cat", 4096, [8192] * 2, False, "staged+split 256"),
+    ("rms_norm_cat", 4096, [7168] * 3, True, "staged 448"),          # one statistic per row
+    ("rms_norm_cat", 4095, [7168] * 3, False, "staged 448"),         # below the large launches
+    ("rms_norm_cat", 4096, [4096] * 3, False, "staged 256"),         # chunks not wide
+    ("rms_norm_cat", 64, [4096] * 3, False, "staged+split+w 512"),   # small launch
+    ("fused_add_rms_norm", 64, [4096], None, "staged+w 512"),
+    ("fused_add_rms_norm", 512, [4096], None, "staged 512"),
+    ("fused_add_rms_norm", 4095, [4096], None, "staged 512"),
+    ("fused_add_rms_norm", 4096, [4096], None, "staged 256"),
+])
+def test_norm_default_plans_by_size(device, seed, op, T, widths, shared, plan):
+    """The default plans of the CUDA norm kernels by launch size (bf16, weights of the input
+    dtype): rms_norm_cat splits large launches of chunks wider than 4096 elements by (row,
+    chunk) with 4 vectors per thread; fused_add_rms_norm gives each thread one vector below
+    4096 rows. Each also matches the reference. CUDA only (the CPU has no plans)."""
+    if torch.device(device).type != "cuda":
+        pytest.skip("the launch plans are the CUDA kernels'")
+    rng = Rng(seed, device)
+    dtype = torch.bfloat16
+    if op == "rms_norm_cat":
+        xs, bases = make_chunks(rng, "split", T, widths, dtype)
+        check_rms_norm_cat(device, xs, bases, make_weights(rng, "same", widths, dtype), EPS, shared, (T,))
+    else:
+        x, r, bases = make_pair(rng, "contig", T, widths[0], dtype)
+        check_fused_add(device, x, r, bases, rng.norm_weight(widths[0], dtype), EPS)
+    assert torch.ops.eagle3._norm_last_plan() == plan
+
+
 def test_strategy_switches_validate_their_argument():
-    with pytest.raises(ValueError, match="_norm_split_chunks: value must be -1 \\(query\\), 0, 1 or 2 \\(up to 64 rows\\), got 3"):
+    with pytest.raises(ValueError, match="_norm_split_chunks: value must be -1 \\(query\\), 0, 1 or 2 \\(by size\\), got 3"):
         torch.ops.eagle3._norm_split_chunks(3)
     with pytest.raises(ValueError, match="_norm_registers: value must be -1 \\(query\\), 0 or 1, got 2"):
         torch.ops.eagle3._norm_registers(2)
@@ -1127,12 +1157,18 @@ def cuda_kernel_names(fn) -> list[str]:
     pytest.param("shared", [192] * 3, 2, 1, 1, False, id="shared-c2-tiles"),
     pytest.param("shared", [192] * 3, 1, 1, 0, True, id="shared-no-split-prepass"),
     pytest.param("none", [192] * 3, 1, 3, 1, False, id="none-sk3"),
+    # 2 (the default): from the tiles only with the k range split
+    pytest.param("shared", [192] * 3, 1, 1, 2, True, id="shared-no-split-split-only"),
+    pytest.param("shared", [128, 64], 1, 3, 2, False, id="shared-K2-sk3-split-only"),
+    pytest.param("chunk", [192] * 3, 1, 0, 2, False, id="chunk-K3-by-size-split-only"),
+    pytest.param("chunk", [576], 1, 1, 2, True, id="chunk-K1-no-split-split-only"),
 ])
 def test_rms_norm_cat_linear_wgmma_tile_statistics(device, seed, norm, widths, cluster, split_k, tile_stats,
                                                    pre_pass):
     """The wgmma kernel takes the norm statistics from the tiles it streams (one launch, no
-    statistics pre-pass kernel) where _fc_wgmma_tile_stats(1) applies: norm "shared" (each
-    block's own rows, also in multicast pairs; or added up over a split's cluster), and
+    statistics pre-pass kernel) where _fc_wgmma_tile_stats(1) applies (2, the default: only
+    with the k range split): norm "shared" (each block's own rows, also in multicast pairs;
+    or added up over a split's cluster), and
     "chunk" with a split that is a multiple of K (the by-size choice makes it one) or over
     one chunk; else the pre-pass runs; norm "none" has none. Hopper only."""
     if not wgmma_expected(device):
@@ -1195,7 +1231,7 @@ def test_kernel_switches_restore_and_check_names():
 SWITCH_ERRORS = {
     "norm_stage_limit": (-2, "_norm_stage_limit: value must be -1 (query) or a byte count >= 0, got -2"),
     "norm_registers": (2, "_norm_registers: value must be -1 (query), 0 or 1, got 2"),
-    "norm_split_chunks": (-3, "_norm_split_chunks: value must be -1 (query), 0, 1 or 2 (up to 64 rows), got -3"),
+    "norm_split_chunks": (-3, "_norm_split_chunks: value must be -1 (query), 0, 1 or 2 (by size), got -3"),
     "norm_stage_weights": (-2, "_norm_stage_weights: value must be -1 (query) or a row count >= 0, got -2"),
     "norm_vecs_per_thread": (9, "_norm_vecs_per_thread: value must be -1 (query), 0 (by rows) or 1..8, got 9"),
     "fc_decode_max_tokens": (9, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got 9"),
@@ -1208,7 +1244,7 @@ SWITCH_ERRORS = {
     "fc_wgmma_tile_n": (64, "_fc_wgmma_tile_n: value must be -1 (query), 0 (by size), 128 or 256, got 64"),
     "fc_wgmma_cluster": (0, "_fc_wgmma_cluster: value must be -1 (query), 1 or 2, got 0"),
     "fc_wgmma_split_k": (9, "_fc_wgmma_split_k: value must be -1 (query), 0 (by size) or 1..8, got 9"),
-    "fc_wgmma_tile_stats": (2, "_fc_wgmma_tile_stats: value must be -1 (query), 0 or 1, got 2"),
+    "fc_wgmma_tile_stats": (3, "_fc_wgmma_tile_stats: value must be -1 (query), 0, 1 or 2, got 3"),
     "fc_adjacent_gemm": (2, "_fc_adjacent_gemm: value must be -1 (query), 0 or 1, got 2"),
 }
 
@@ -1238,14 +1274,17 @@ def test_norm_last_plan_names_the_launch(device, seed):
     """_norm_last_plan follows the norm calls: "none" for no rows, "cpu" on the CPU, and on
     CUDA the default strategy with its block size: launches of up to 64 rows take 1 vector
     per thread (a 4096 bf16 row or chunk: 512 threads), stage their weights and (rms_norm_cat
-    with per-chunk statistics) give each chunk its own block; larger ones take 2 (256
-    threads), one block per row, and read the weights from global memory."""
+    with per-chunk statistics) give each chunk its own block; larger ones read the weights
+    from global memory, and rms_norm_cat takes 2 (256 threads) with one block per row, while
+    fused_add_rms_norm keeps 1 up to 4095 rows (test_norm_default_plans_by_size: the large
+    launches)."""
     rng = Rng(seed, device)
     cuda = torch.device(device).type == "cuda"
     for T, small in [(3, True), (64, True), (65, False)]:
         plan, plan_w = ("staged 512", "staged+w 512") if small else ("staged 256", "staged 256")
         split = "staged+split 512" if small else plan
         split_w = "staged+split+w 512" if small else plan
+        fused, fused_w = ("staged 512", "staged+w 512") if small else ("staged 512", "staged 512")
         xs = [rng.randn((T, 4096), torch.bfloat16) for _ in range(3)]
         ws = [rng.norm_weight(4096, torch.bfloat16) for _ in range(3)]
         for call, expected in [(lambda: eagle3_ops.rms_norm_cat(xs), split),
@@ -1253,8 +1292,8 @@ def test_norm_last_plan_names_the_launch(device, seed):
                                (lambda: eagle3_ops.rms_norm_cat(xs, shared_stats=True), plan),
                                (lambda: eagle3_ops.rms_norm_cat(xs, ws, shared_stats=True), plan_w),
                                (lambda: eagle3_ops.rms_norm_cat([x[:0] for x in xs]), "none"),
-                               (lambda: eagle3_ops.fused_add_rms_norm(xs[0], xs[1], None, EPS), plan),
-                               (lambda: eagle3_ops.fused_add_rms_norm(xs[0], xs[1], ws[0], EPS), plan_w),
+                               (lambda: eagle3_ops.fused_add_rms_norm(xs[0], xs[1], None, EPS), fused),
+                               (lambda: eagle3_ops.fused_add_rms_norm(xs[0], xs[1], ws[0], EPS), fused_w),
                                (lambda: eagle3_ops.fused_add_rms_norm(xs[0][:0], xs[1][:0], None, EPS), "none")]:
             call()
             assert torch.ops.eagle3._norm_last_plan() == (expected if cuda or expected == "none" else "cpu"), T

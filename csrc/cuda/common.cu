@@ -78,9 +78,10 @@ std::atomic<bool> g_norm_registers{false};
 std::atomic<int> g_norm_vecs_per_thread{0};
 }  // namespace
 
-int norm_vecs_per_thread(int64_t rows) {
+int norm_vecs_per_thread(int64_t rows, int by_shape) {
   const int v = g_norm_vecs_per_thread.load(std::memory_order_relaxed);
   if (v > 0) return v;
+  if (by_shape > 0) return by_shape;
   return rows <= kSmallLaunchRows ? 1 : 2;
 }
 

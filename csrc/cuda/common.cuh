@@ -258,7 +258,11 @@ constexpr int64_t kSmallLaunchRows = 64;
 // the copy bandwidth; H=8192 86.2 -> 98.1%; fused_add_rms_norm H=4096 96.1 -> 97.0%), and 1
 // with the weights staged was the fastest block size measured at T = 1, 8, 64 (e.g.
 // fused_add_rms_norm H=4096 T=1: 3.2 us at 4, 2.7 at 2, 2.4 at 1 with weights staged).
-int norm_vecs_per_thread(int64_t rows);
+// by_shape (> 0): the op's own default for this launch's shape, in place of the rows rule
+// (rms_norm_cat's wide chunks in large launches, fused_add_rms_norm below kLargeLaunchRows).
+int norm_vecs_per_thread(int64_t rows, int by_shape = 0);
+// Launches of at least this many rows are "large" (bandwidth-bound, many rows per SM).
+constexpr int64_t kLargeLaunchRows = 4096;
 inline int reg_threads(int64_t max_vecs, int num_chunks, bool all_vec, int64_t rows) {
   if (!norm_registers() || !all_vec || num_chunks > kRegMaxChunks ||
       max_vecs > int64_t{kRegVecs} * reg_max_threads(num_chunks))
@@ -281,15 +285,15 @@ inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
 void configure_staging_kernel(const void* kernel, int device);
 
 // Threads for a launch of `rows` rows whose largest chunk has `max_vecs` vectors: about
-// norm_vecs_per_thread(rows) vectors per thread (a multiple of 32 threads, at most 512).
+// norm_vecs_per_thread(rows, by_shape) vectors per thread (a multiple of 32 threads, at most 512).
 // Smaller blocks keep more rows in flight per multiprocessor (each block stages one row, and
 // 512-thread blocks left a Hopper SM with 2-4 rows: about 40% of the copy bandwidth on an
 // H200, bench run of 6e31654), but at 4 vectors per thread each thread's chain of loads and
 // stores held the kernels at 85-86% of the copy bandwidth on the H100 for K=3; 2 reached
 // 96-98% there. Small launches have few rows to overlap: 1 vector per thread spreads each
 // row over the most threads.
-inline int threads_for(int64_t max_vecs, int64_t rows) {
-  const int v = norm_vecs_per_thread(rows);
+inline int threads_for(int64_t max_vecs, int64_t rows, int by_shape = 0) {
+  const int v = norm_vecs_per_thread(rows, by_shape);
   const int64_t t = (max_vecs + v - 1) / v;
   return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, round_up(static_cast<int>(t), 32))));
 }

@@ -9,7 +9,8 @@
 // row reuses the stage. Rows wider than the stage limit (or all rows, with
 // _norm_stage_limit(0)) are read twice from global memory instead (the second read hits L2).
 // A third strategy keeps the row in registers (rms_norm_cat_regs_kernel, _norm_registers(1)).
-// Split rows (_norm_split_chunks; by default in launches of up to 64 rows): per-chunk
+// Split rows (_norm_split_chunks; by default in launches of up to 64 rows, and of 4096 or
+// more rows with chunks wider than 4096 elements): per-chunk
 // ("chunk" / "none") rows give each chunk of each row its own block (T x K blocks, each
 // staging one chunk, the shape of the fused add's rows; figures at g_norm_split_chunks).
 // With _norm_stage_weights(n) (default 64), a staged launch of at most n rows copies the
@@ -28,14 +29,25 @@ namespace {
 constexpr int kMaxThreads = 512;
 
 // One block per (row, chunk) for per-chunk norms (set_norm_split_chunks): 0 never, 1 always,
-// 2 (the default) for launches of up to kSmallLaunchRows rows. On the H100 (graph replay,
-// K=3 bf16; bench/results/nvidia-h100-80gb-hbm3-db66db7-tune.json) it nearly halved the
-// small launches, with the weights staged and 1 vector per thread: rms_norm_cat H=4096 T=1
-// 2.9 us against 5.0 for one block per row, T=8 3.0 / 5.1, T=64 3.9 / 5.4, H=7168 T=1 3.2 /
-// 5.7; midlayer_cat (K=2) H=4096 T=1 2.8 / 3.8. At T=16384 (2 vectors per thread) it was
-// within 2% either way (H=4096 273.3 against 276.7 us, H=8192 552.2 / 543.1): not used there.
-constexpr int kSplitAlways = 1, kSplitSmall = 2;  // (0: never)
-std::atomic<int> g_norm_split_chunks{kSplitSmall};
+// 2 (the default) by size: launches of up to kSmallLaunchRows rows, and launches of at least
+// kLargeLaunchRows rows whose widest chunk passes kWideChunk elements (those with 4 vectors
+// per thread).
+// - Small: on the H100 (graph replay, K=3 bf16; bench/results/nvidia-h100-80gb-hbm3-db66db7-tune.json)
+//   it nearly halved the small launches, with the weights staged and 1 vector per thread:
+//   rms_norm_cat H=4096 T=1 2.9 us against 5.0 for one block per row, T=8 3.0 / 5.1, T=64
+//   3.9 / 5.4, H=7168 T=1 3.2 / 5.7; midlayer_cat (K=2) H=4096 T=1 2.8 / 3.8.
+// - Large and wide: at T=16384 with 2 vectors per thread one block per row or per (row,
+//   chunk) was within 2% on the H100 (H=4096 273.3 against 276.7 us, H=8192 552.2 / 543.1).
+//   With 4 vectors per thread (smaller blocks, more in flight per SM), per (row, chunk) on
+//   the H200 (nvidia-h200-7c333f2-tune.json, T=16384): rms_norm_cat K=3 H=7168 373.5 us
+//   against 466.4 for the rows rule (2 per thread, one block per row), H=8192 423.5 / 479.3;
+//   midlayer_cat H=7168 247.9 / 285.9, H=8192 289.4 / 303.0. On the H100 (ed5c01eeed8c
+//   tune) H=8192 with it was as fast as the rows rule (rms_norm_cat 538.9 / 543.7, midlayer
+//   361.7 / 363.5). At H=4096 it is left out: rms_norm_cat took 301.9 us against 276.5 on
+//   the H100 (233.5 / 232.8 on the H200), although midlayer_cat gained (H200 139.1 / 151.0).
+constexpr int kSplitAlways = 1, kSplitBySize = 2;  // (0: never)
+constexpr int64_t kWideChunk = 4096;
+std::atomic<int> g_norm_split_chunks{kSplitBySize};
 
 // Scales V elements in fp32 by `scale` and the chunk's weight (from global memory, or from
 // the block's staged copy `w_stage` where that is not null), rounds once to T.
@@ -285,9 +297,11 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       return;
     }
     const int split_mode = g_norm_split_chunks.load(std::memory_order_relaxed);
-    const bool split = (split_mode == kSplitAlways || (split_mode == kSplitSmall && c.num_rows <= kSmallLaunchRows)) &&
+    const bool wide_large = c.num_rows >= kLargeLaunchRows && max_chunk_elems > kWideChunk;
+    const bool split = (split_mode == kSplitAlways ||
+                        (split_mode == kSplitBySize && (c.num_rows <= kSmallLaunchRows || wide_large))) &&
                        mode != NormMode::kShared && num_chunks > 1;
-    const int threads = threads_for(max_vecs, c.num_rows);
+    const int threads = threads_for(max_vecs, c.num_rows, split && wide_large ? 4 : 0);
     const int64_t sums_bytes = (num_chunks * (threads / 32) * 4 + 15) / 16 * 16;
     const int64_t staged_elems = split ? max_chunk_elems : stage_elems;  // one block's stage
     StagePlan plan = plan_stage(sums_bytes, staged_elems * static_cast<int64_t>(sizeof(scalar_t)), device);
