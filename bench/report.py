@@ -86,7 +86,7 @@ def compact_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def full_table(rows: List[Dict[str, Any]]) -> str:
-    header = ["op", "impl", "T", "H", "K", "N", "dtype", "median us", "p20-p80 us", "graph us", "GB/s", "TFLOP/s",
+    header = ["op", "impl", "T", "H", "K", "N", "dtype", "median us", "p20-p80 us", "host us", "graph us", "GB/s", "TFLOP/s",
               "% copy", "% matmul", "% roofline", "x eager", "x compile", "x liger", "x linear", "rel err", "tol",
               "check", "n_rot"]
     lines = []
@@ -99,7 +99,7 @@ def full_table(rows: List[Dict[str, Any]]) -> str:
             lines.append([
                 _op_name(r), f"{name} ({r['path']})" if r.get("path") else name,  # ours: the fc path / norm plan
                 r["T"], r["H"], r["K"], r["N"] or "", r["dtype"], _f(r.get("median_us")), spread,
-                _f(r.get("graph_us")), _f(r.get(g + "gbps")), _f(r.get(g + "tflops")), _f(r.get(g + "pct_of_copy_bw")),
+                _f(r.get("host_us")), _f(r.get("graph_us")), _f(r.get(g + "gbps")), _f(r.get(g + "tflops")), _f(r.get(g + "pct_of_copy_bw")),
                 _f(r.get(g + "pct_of_matmul")), _f(r.get(g + "pct_of_roofline")),
                 *[_ratio_cell(r, b) for b in BASELINES], _f(r.get("max_rel_err")), _f(r.get("tol")), _status(r),
                 r.get("n_rot", ""),
@@ -149,7 +149,9 @@ LEGEND = ("Ratios are time of the baseline / time of eagle3 (> 1: eagle3 is fast
           "(not embed_tokens / lm_head) + aux, embedding rows, ids, positions + the two outputs, its FLOPs "
           "2 T x matrix weights + causal attention (QK^T, PV); GB/s is shown for T <= 128 as for the fc. "
           f"{MLA_DRAFTER_OP}: the same step of a Kimi-K2-like DeepSeek (MLA) drafter with fc_norm and "
-          "norm_output (eager = the pure-PyTorch reference MLA drafter).")
+          "norm_output (eager = the pure-PyTorch reference MLA drafter). 'host us' (CUDA, every "
+          "implementation's table): the host's time per call to issue the timed calls; near 'median us' "
+          "the host, not the device, set the stream time (the graph time shows the device's).")
 
 
 def write_markdown(meta: Dict[str, Any], path: Path) -> Path:

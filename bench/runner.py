@@ -210,7 +210,7 @@ def _base_row(case: C.Case, impl: C.Impl) -> Dict[str, Any]:
     return {
         "op": case.op, "impl": impl.name, "T": case.T, "H": case.H, "K": case.K, "N": case.N, "norm": case.norm,
         "dtype": case.dtype_name, "device": case.device, "median_us": None, "p20_us": None, "p80_us": None,
-        "reps": None, "batch": None, "graph_us": None, "graph_p20_us": None, "graph_p80_us": None,
+        "reps": None, "batch": None, "host_us": None, "graph_us": None, "graph_p20_us": None, "graph_p80_us": None,
         "graph_calls": None, "bytes": case.bytes_moved(), "flops": case.flops(), "correct": False,
         "max_rel_err": None, "tol": None, "eager_rel_err": None, "error": None, "note": impl.note or None,
         "first_call_s": None, "graph_error": None, "path": None,
@@ -269,7 +269,7 @@ def run_case(case: C.Case, cfg: Config) -> List[Dict[str, Any]]:
                     live.pop(name)
                 else:
                     by_name[name].update(median_us=st.median_us, p20_us=st.p20_us, p80_us=st.p80_us, reps=st.reps,
-                                         batch=st.batch)
+                                         batch=st.batch, host_us=st.host_us)
         if live and case.device == "cuda" and case.T <= GRAPH_MAX_T:
             per_graph = min(max(n_rot, 32), ROTATION_CAP)
             for name, st in timing.time_graphs_interleaved(live, per_graph, cfg.graph_budget).items():

@@ -11,7 +11,7 @@ from bench import cases as C
 from bench import runner
 
 TOP_KEYS = {"card", "torch", "cuda", "commit", "command", "device", "copy_gbps", "matmul_tflops", "rows"}
-ROW_KEYS = {"op", "impl", "T", "H", "K", "N", "norm", "dtype", "device", "median_us", "p20_us", "p80_us",
+ROW_KEYS = {"op", "impl", "T", "H", "K", "N", "norm", "dtype", "device", "median_us", "p20_us", "p80_us", "host_us",
             "graph_us", "gbps", "tflops", "pct_of_copy_bw", "pct_of_matmul", "pct_of_roofline", "correct",
             "max_rel_err", "tol", "bytes", "flops", "n_rot", "error"}
 
@@ -149,6 +149,9 @@ def test_time_interleaved_host():
     fast, slow = out["fast"], out["slow"]
     assert fast.reps == slow.reps == 10 and fast.batch == slow.batch == 1
     assert 1.5e2 < fast.median_us < slow.median_us and slow.median_us > 9e2
+    assert fast.host_us is None  # the host's issue time is recorded beside CUDA events only
+    st = timing.summarize([3e-6, 1e-6, 2e-6], 4, [4e-6, 0.5e-6, 1e-6])
+    assert (st.median_us, st.host_us, st.reps, st.batch) == (2.0, 1.0, 3, 4), st
     # the timed calls alternate: after round 0, fast and slow take 4 turns each in
     # rotating order (neighbouring turns of the same name run back to back: at least 5 runs)
     timed = [n for n in log[log.index("flaky", log.index("flaky") + 1):] if n != "flaky"]

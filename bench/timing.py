@@ -34,6 +34,9 @@ class Stats:
     p80_us: float
     reps: int   # samples
     batch: int  # calls per sample
+    # CUDA: the host's median time per call to issue a sample's calls (between the two event
+    # records); close to median_us where the host, not the device, sets the rate
+    host_us: Optional[float] = None
 
 
 @dataclass
@@ -61,9 +64,10 @@ def _quantile(sorted_vals: Sequence[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
-def summarize(per_call_s: Sequence[float], batch: int) -> Stats:
+def summarize(per_call_s: Sequence[float], batch: int, host_per_call_s: Sequence[float] = ()) -> Stats:
     v = sorted(per_call_s)
-    return Stats(_quantile(v, 0.5) * 1e6, _quantile(v, 0.2) * 1e6, _quantile(v, 0.8) * 1e6, len(v), batch)
+    host = _quantile(sorted(host_per_call_s), 0.5) * 1e6 if host_per_call_s else None
+    return Stats(_quantile(v, 0.5) * 1e6, _quantile(v, 0.2) * 1e6, _quantile(v, 0.8) * 1e6, len(v), batch, host)
 
 
 class _RoundRobin:
@@ -110,11 +114,13 @@ def _estimate(rr: _RoundRobin, n: int, cuda: bool, warmup_s: float = 0.02) -> fl
     return t_est
 
 
-def _turn(run_batch: Callable[[], None], samples: int, warm: bool, cuda: bool) -> List[float]:
+def _turn(run_batch: Callable[[], None], samples: int, warm: bool, cuda: bool,
+          host: Optional[List[float]] = None) -> List[float]:
     """One implementation's turn: from an idle device, one unmeasured batch where ``warm``
     (the host's launches reach their steady state: queued behind the device for calls it
     runs faster than the host issues them, issued as they run otherwise), then ``samples``
-    batches, each between two clock reads. Seconds per batch."""
+    batches, each between two clock reads. Seconds per batch; on CUDA the host's seconds
+    to issue each batch are appended to ``host`` where given."""
     if not cuda:
         if warm:
             run_batch()
@@ -130,7 +136,10 @@ def _turn(run_batch: Callable[[], None], samples: int, warm: bool, cuda: bool) -
     starts, ends = [_event() for _ in range(samples)], [_event() for _ in range(samples)]
     for i in range(samples):
         starts[i].record()
+        t = time.perf_counter()
         run_batch()
+        if host is not None:
+            host.append(time.perf_counter() - t)
         ends[i].record()
     torch.cuda.synchronize()
     return [a.elapsed_time(b) * 1e-3 for a, b in zip(starts, ends)]
@@ -171,7 +180,8 @@ def time_interleaved(call_sets: Mapping[str, Sequence[Call]], budget: Budget, de
     number of samples (the budget's seconds per implementation on average), split over
     ``rounds`` rounds in rotating order (:func:`_turn`; CUDA events on the current stream,
     time.perf_counter on the CPU). The host is not synchronised inside a turn, so
-    launch-bound calls are timed at the rate the host issues them (what eager serving sees).
+    launch-bound calls are timed at the rate the host issues them (what eager serving sees);
+    on CUDA each Stats also holds the host's time per call to issue them (``host_us``).
     ``contexts`` (name -> context factory) wraps each name's warm-up and turns. Returns per
     name its Stats, or the exception it raised (it then leaves the rotation)."""
     cuda = device == "cuda"
@@ -192,20 +202,23 @@ def time_interleaved(call_sets: Mapping[str, Sequence[Call]], budget: Budget, de
     batch = {k: max(1, math.ceil(budget.min_sample_s / max(t_est[k], 1e-9))) for k in live}
     reps = budget.reps_for(sum(batch[k] * t_est[k] for k in live) / len(live))
     samples: Dict[str, List[float]] = {k: [] for k in live}
+    host: Dict[str, List[float]] = {k: [] for k in live}
     for _, name, share in _rotation(list(live), reps, rounds):
         if name in out:
             continue
         rr, b = live[name], batch[name]
         try:
             with _within(contexts, name):
-                got = _turn(lambda: rr.run(b), share, t_est[name] < STEADY_CALL_S, cuda)
+                n_host = len(host[name])
+                got = _turn(lambda: rr.run(b), share, t_est[name] < STEADY_CALL_S, cuda, host[name])
             samples[name] += [t / b for t in got]
+            host[name][n_host:] = [t / b for t in host[name][n_host:]]
         except Exception as e:
             out[name] = e
             _sync_quietly(cuda)
     for name in live:
         if name not in out:
-            out[name] = summarize(samples[name], batch[name])
+            out[name] = summarize(samples[name], batch[name], host[name])
     return out
 
 
