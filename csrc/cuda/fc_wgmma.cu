@@ -571,7 +571,11 @@ std::atomic<int64_t> g_wgmma_cluster{1};
 // BN = 128 on 132 multiprocessors, at most 4 for N=4096, 3 for 5120, 2 for 7168). For
 // the decode sizes, where a 128-token tile leaves too few tiles to stream the weight from
 // every multiprocessor (T=128, H=4096: 32 tiles of 128 features; 76.9 us against 49.3 for
-// the pair in 80ab0d87a9d7-tune.json). Not yet run on a GPU; bench.tune times it.
+// the pair in 80ab0d87a9d7-tune.json). Measured on the H200 (nvidia-h200-7c333f2ce8d4-tune.json,
+// by size, statistics from the cluster; graph replay): with BN = 256, T = 8 / 16 / 32 / 64 at
+// H=4096 35.9 / 36.6 / 37.7 / 37.6 us against 33.8 / 32.9 / 34.1 / 35.9 for the pair (and
+// 32.8 for the mma kernel at T=8); H=7168 96.4-102.2 against 86.7-91.6; BN = 128 slower
+// still (46.7-56.9 at H=4096). So off by default.
 std::atomic<int64_t> g_wgmma_split_k{1};
 constexpr int64_t kMaxSplitK = 8;  // the portable cluster size
 // Where the kernel takes the norm statistics from the tiles it streams (fc_wgmma_kernel's
@@ -579,7 +583,7 @@ constexpr int64_t kMaxSplitK = 8;  // the portable cluster size
 // range split only, 1 wherever that applies, 0 never (the pre-pass). It applies to norm
 // "shared", and with the k range split to norm "chunk" with split_k a multiple of K (the
 // by-size choice takes one when it keeps one block per multiprocessor). H200, tune of
-// 7c333f2 (bench/results/nvidia-h200-7c333f2-tune.json): split (T = 8..64, H = 4096, 128
+// 7c333f2 (bench/results/nvidia-h200-7c333f2ce8d4-tune.json): split (T = 8..64, H = 4096, 128
 // features, 4 blocks per tile) 54.3 / 52.0 / 56.9 us against 55.7 / 53.6 / 58.9 with the
 // pre-pass; unsplit (norm "shared", 256 features) 13-19% slower than with the pre-pass:
 // T=2048 H=4096 364.7 against 323.9 us, T=16384 3087 / 2639, H=7168 1261 / 1056 and

@@ -39,12 +39,17 @@ constexpr int kMaxThreads = 512;
 // - Large and wide: at T=16384 with 2 vectors per thread one block per row or per (row,
 //   chunk) was within 2% on the H100 (H=4096 273.3 against 276.7 us, H=8192 552.2 / 543.1).
 //   With 4 vectors per thread (smaller blocks, more in flight per SM), per (row, chunk) on
-//   the H200 (nvidia-h200-7c333f2-tune.json, T=16384): rms_norm_cat K=3 H=7168 373.5 us
+//   the H200 (nvidia-h200-7c333f2ce8d4-tune.json, T=16384): rms_norm_cat K=3 H=7168 373.5 us
 //   against 466.4 for the rows rule (2 per thread, one block per row), H=8192 423.5 / 479.3;
 //   midlayer_cat H=7168 247.9 / 285.9, H=8192 289.4 / 303.0. On the H100 (ed5c01eeed8c
 //   tune) H=8192 with it was as fast as the rows rule (rms_norm_cat 538.9 / 543.7, midlayer
 //   361.7 / 363.5). At H=4096 it is left out: rms_norm_cat took 301.9 us against 276.5 on
 //   the H100 (233.5 / 232.8 on the H200), although midlayer_cat gained (H200 139.1 / 151.0).
+//   The H200 benchmark with it (a4f65c7a69b3, against 7c333f2ce8d4 without; each over
+//   torch.compile in its own run): rms_norm_cat T=16384 H=7168 372 us (0.972x compile)
+//   against 442 (0.810x), H=8192 421 (0.954x) / 463 (0.868x), T=4096 H=7168 97.7 (1.05x)
+//   / 118 (1.01x), H=8192 110 (1.02x) / 122 (0.929x); midlayer_cat T=16384 H=7168 248
+//   (0.931x) / 280 (0.819x), H=8192 283 (0.933x) / 291 (0.905x).
 constexpr int kSplitAlways = 1, kSplitBySize = 2;  // (0: never)
 constexpr int64_t kWideChunk = 4096;
 std::atomic<int> g_norm_split_chunks{kSplitBySize};
