@@ -211,8 +211,7 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     }
     // Below kLargeLaunchRows 1 vector per thread (the widest blocks): H200 (7c333f2ce8d4
     // tune, H=4096) T=512 12.7 us against 17.1 with 2, H100 (db66db7 tune) 11.1 / 12.2; at
-    // T=4096 within 1% either way on both (H200 37.8 / 37.5, H100 49.8 / 49.4). H200
-    // benchmark: T=512 16.1 us (a4f65c7a69b3) against 21.1 (7c333f2ce8d4).
+    // T=4096 within 1% either way on both (H200 37.8 / 37.5, H100 49.8 / 49.4).
     const int threads = threads_for(vec ? width / V : width, rows, rows < kLargeLaunchRows ? 1 : 0);
     const int64_t width_pad = (width + V - 1) / V * V;
     StagePlan plan = plan_stage(32 * sizeof(float), 2 * width_pad * static_cast<int64_t>(sizeof(scalar_t)), device);
