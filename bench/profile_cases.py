@@ -2,20 +2,26 @@
 
     ncu --profile-from-start off --nvtx --section SpeedOfLight ... python3 bench/profile_cases.py
 
-Every case is called twice first (warm-up, the fc weight's first use), then once more
-between cudaProfilerStart / Stop inside an NVTX range named after it, so
-``--profile-from-start off`` profiles only those calls and ``--nvtx`` tells them apart.
+Every case is called twice first (warm-up, the fc weight's first use, torch.compile's
+compilation), then once more between cudaProfilerStart / Stop inside an NVTX range named
+after it, so ``--profile-from-start off`` profiles only those calls and ``--nvtx`` tells
+them apart.
 
-* rms_norm_cat, K=3, T=16384, H=4096 and 8192, bf16: 86% and 81.5% of the copy bandwidth
-  on the H100 (80ab0d8), where K=3 at H=7168 and the K=2 and K=1 rows reach 94-98%
-  (occupancy, DRAM throughput, stall reasons); beside them the same rows with one block per
-  (row, chunk), and as three separate tensors instead of views of one [T, 3H] tensor.
-* The fc's mma.sync kernel at T=8 beside the pair, and at T=64 (x re-read per block) with
-  16 and 32 features per block (64 at T=32).
+* fused_add_rms_norm, H=4096, bf16, beside torch.compile of the eager composition: at
+  T=16384 the staged kernel ran at 95% of the copy bandwidth against torch.compile's 99%, and
+  the register kernel (the row in registers, the shape of torch.compile's kernel) 1.4x slower
+  than the staged one (H200, 7c333f2); at T=1 (graph replay) 2.2 us against torch.compile's
+  1.9 and Liger's 1.7, with the weight staged or in registers alike.
+* rms_norm_cat, K=3, T=16384, H=4096 and 8192, bf16: 83% and 90% of the copy bandwidth on the
+  H200 (7c333f2 / a4f65c7; 96.6% and 98.5% on the H100): occupancy, DRAM throughput, stall
+  reasons; beside them the same rows with the other block layout (one block per (row, chunk)
+  at H=4096, one per row at H=8192), and as three separate tensors instead of views of one
+  [T, 3H] tensor.
+* The fc's mma.sync kernel at T=8 beside the pair and F.linear alone (0.93x of F.linear on
+  the H200), and at T=64 (x re-read per block) with 16 and 32 features per block (64 at T=32).
 * On Hopper, the wgmma kernel beside F.linear at T=16384, H=4096.
 * The fc at T=16384, H=7168, norm "chunk": the op (rms_norm_cat + the cuBLAS GEMM) and
-  F.linear alone on the normalised input. The pair took about 300 us more than the norm
-  kernel and F.linear timed apart; the kernels' names and durations show where it goes.
+  F.linear alone on the normalised input.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import eagle3_ops
+from eagle3_ops import reference
 from eagle3_ops.ops import kernel_switches
 
 EPS = 1e-6
@@ -33,16 +40,32 @@ def cases():
     dev, bf = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     out = []
+    # fused_add_rms_norm: the default, the register kernel and torch.compile's kernel (of the
+    # eager composition, as in the benchmark)
+    compiled = torch.compile(lambda x, r, w: reference.fused_add_rms_norm(x, r, w, EPS), dynamic=False, fullgraph=True)
+    for T in (16384, 1):
+        x = torch.randn(T, 4096, device=dev, dtype=bf, generator=g)
+        r = torch.randn(T, 4096, device=dev, dtype=bf, generator=g)
+        w = 1 + 0.1 * torch.randn(4096, device=dev, dtype=bf, generator=g)
+
+        def registers(x=x, r=r, w=w):
+            with kernel_switches(norm_registers=1):
+                return eagle3_ops.fused_add_rms_norm(x, r, w, EPS)
+
+        out.append((f"fused_add_rms_norm T={T} H=4096", lambda x=x, r=r, w=w: eagle3_ops.fused_add_rms_norm(x, r, w, EPS)))
+        out.append((f"fused_add_rms_norm T={T} H=4096 registers", registers))
+        out.append((f"fused_add_rms_norm T={T} H=4096 torch.compile", lambda x=x, r=r, w=w: compiled(x, r, w)))
     for H in (4096, 8192):
         xs = list(torch.randn(16384, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
         ws = [1 + 0.1 * torch.randn(H, device=dev, dtype=bf, generator=g) for _ in range(3)]
         out.append((f"rms_norm_cat K=3 T=16384 H={H}", lambda xs=xs, ws=ws: eagle3_ops.rms_norm_cat(xs, ws, EPS)))
 
-        def split(xs=xs, ws=ws):
-            with kernel_switches(norm_split_chunks=1):
+        def other(xs=xs, ws=ws, H=H):  # the layout the default does not take at this width
+            with kernel_switches(norm_split_chunks=1 if H <= 4096 else 0):
                 return eagle3_ops.rms_norm_cat(xs, ws, EPS)
 
-        out.append((f"rms_norm_cat K=3 T=16384 H={H} one block per (row, chunk)", split))
+        layout = "one block per (row, chunk)" if H <= 4096 else "one block per row"
+        out.append((f"rms_norm_cat K=3 T=16384 H={H} {layout}", other))
     # The same rows as three separate tensors (the benchmark's are views of one [T, 3H]
     # tensor; its K=2 and K=1 cases, at 95-98%, read separate tensors).
     xs3 = [torch.randn(16384, 4096, device=dev, dtype=bf, generator=g) for _ in range(3)]
@@ -87,6 +110,8 @@ def cases():
 
     out.append(("rms_norm_cat_linear chunk T=8 H=4096 mma", lambda: mma(xs8)))
     out.append(("rms_norm_cat_linear chunk T=8 H=4096 pair", lambda: pair(xs8)))
+    xn8 = eagle3_ops.rms_norm_cat(xs8)
+    out.append(("F.linear alone T=8 H=4096", lambda: F.linear(xn8, w8)))
     # T=64: every block of the mma kernel reads all of x (1.5 MB) from L2 -- how much of
     # its time that costs beside the weight stream, at each block width.
     xs64 = list(torch.randn(64, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
