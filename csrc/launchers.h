@@ -83,9 +83,9 @@ int64_t fc_wgmma_cluster(int64_t value);
 // added through distributed shared memory: 1 (the default: no split), 2..8, or 0 to choose
 // by size; sets it and returns the previous value, -1 only queries.
 int64_t fc_wgmma_split_k(int64_t value);
-// Where launch_fc_wgmma takes the norm statistics from: 1 (the default) the streamed tiles
-// (with the k range split, added up over the cluster), where that applies; 0 the pre-pass;
-// sets it and returns the previous value, -1 only queries.
+// Where launch_fc_wgmma takes the norm statistics from, where that applies: the streamed
+// tiles -- 2 (the default) only with the k range split (added up over the cluster), 1 split
+// or not -- or 0 the pre-pass; sets it and returns the previous value, -1 only queries.
 int64_t fc_wgmma_tile_stats(int64_t value);
 // The direct fc paths in order: the decode kernel, the mma.sync kernel, the wgmma kernel;
 // returns the name of the one that served the call, nullptr if none did.

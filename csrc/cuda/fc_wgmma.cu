@@ -281,11 +281,11 @@ fc_row_scales_kernel(const __grid_constant__ ChunkTable tab, const int num_chunk
 //
 // tile_stats (_fc_wgmma_tile_stats): the norm statistics from the tiles the blocks stream,
 // no pre-pass and no `scales`; for norm "shared" (and "chunk" over one chunk), and with
-// split_k > 1 for "chunk". While
-// the wgmma of a k-tile runs, the consumer threads add up the squares of its token rows
-// from the stage (two threads per row, 64 bytes each; the 128-byte swizzle permutes 16-byte
-// pieces within a row, so which piece is which does not matter for the sum), and after the
-// k loop the accumulators are scaled by rsqrt(mean + eps) of their rows:
+// split_k > 1 for "chunk". While the wgmma of a k-tile runs, the consumer threads add up the
+// squares of its token rows from the stage (two threads per row, 64 bytes each; the 128-byte
+// swizzle permutes 16-byte pieces within a row, so which piece is which does not matter for
+// the sum), and after the k loop the accumulators are scaled by rsqrt(mean + eps) of their
+// rows:
 //  - split_k == 1 (norm "shared", or "chunk" with K = 1): the block streams every k-tile of
 //    its rows, so its own sums are the statistic.
 //  - split_k > 1: norm "chunk" takes split_k = K m and gives chunk k to blocks
@@ -744,7 +744,7 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
   const bool tile_stats =
       (stats_switch == 1 || (stats_switch == 2 && split_k > 1)) &&
       (mode == NormMode::kShared ||
-                       (mode == NormMode::kChunk && (num_chunks == 1 || (split_k > 1 && split_k % num_chunks == 0))));
+       (mode == NormMode::kChunk && (num_chunks == 1 || (split_k > 1 && split_k % num_chunks == 0))));
   const at::Tensor scales = tile_stats ? at::Tensor() : fc_row_scales(tab, c, eps, mode, weight, stream);
   const int64_t blocks = tiles_mn * split_k;
   const float* scales_ptr = scales.defined() ? scales.data_ptr<float>() : nullptr;
