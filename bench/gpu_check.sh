@@ -4,6 +4,7 @@
 #   bash bench/gpu_check.sh OUTDIR [extra args for python -m bench, e.g. --quick]
 #   GPU_CHECK_SKIP="tune bench" bash bench/gpu_check.sh OUTDIR   # leave steps out (a re-check)
 #   GPU_CHECK_PROFILE=1 bash bench/gpu_check.sh OUTDIR           # add Nsight Compute (profile_cases.py)
+#                                                                # and the host's time per call (host_cost.py)
 #   GPU_CHECK_BUDGET_S=560 bash bench/gpu_check.sh OUTDIR        # end within 560 s (benchmark cut short)
 #   GPU_CHECK_TUNE_ARGS="--parts norm,fc" bash bench/gpu_check.sh OUTDIR  # a shorter tune
 #   GPU_CHECK_TUNE_S=200 bash bench/gpu_check.sh OUTDIR          # the tune's time limit (150 s)
@@ -87,6 +88,8 @@ step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider
 [ -n "${GPU_CHECK_PROFILE:-}" ] && command -v ncu >/dev/null && step profile timeout 120 ncu --profile-from-start off --nvtx --clock-control none \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
   --section WarpStateStats $PY bench/profile_cases.py
+# the host's time per call of the fc and its parts (bench/host_cost.py), with the profile
+[ -n "${GPU_CHECK_PROFILE:-}" ] && step host timeout 60 $PY bench/host_cost.py "$OUT/host_cost.json"
 step memcheck timeout 70 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
 step racecheck timeout 50 compute-sanitizer --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --one
 
