@@ -72,8 +72,9 @@ def run(one: bool) -> int:
     # row), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5 here; 32 and 64
     # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only
     # ones it takes), also with its k range split over clusters of three and in clusters of
-    # two, rms_norm_cat with one block per (row, chunk), and the norm weights staged with the
-    # rows (blocks of one and two vectors per thread). The wgmma kernel takes the norm
+    # two, rms_norm_cat with one block per (row, chunk), the staged norms launched with a
+    # shared-memory carveout, and the norm weights staged with the rows (blocks of one and
+    # two vectors per thread). The wgmma kernel takes the norm
     # statistics from its tiles where they apply (its default): norm "shared" and one-chunk
     # "chunk" in every pass, and with the k range split over three blocks, K=3 "chunk".
     passes = (
@@ -83,6 +84,7 @@ def run(one: bool) -> int:
         (dict(fc_mma_max_tokens=64, fc_mma_max_waves=0, fc_mma_features=64), (True,)),
         (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_tile_stats=1), (True,)),
         (dict(norm_split_chunks=1), (False, True)),
+        (dict(norm_carveout=30), (False, True)),  # the staged launches with a carveout attribute
         (dict(norm_stage_weights=64, norm_vecs_per_thread=1), (False, True)),
         (dict(norm_split_chunks=1, norm_stage_weights=64, norm_vecs_per_thread=2), (True,)),
         (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_cluster=2, fc_wgmma_tile_stats=1), (True,)),

@@ -11,12 +11,14 @@ namespace eagle3 {
 // What this thread's last rms_norm_cat / fused_add_rms_norm launch did, for the tests and
 // the tune table (torch.ops.eagle3._norm_last_plan): the strategy ("cpu", "staged",
 // "two-pass", "registers"; "none" for no rows), one block per (row, chunk), the norm weights
-// staged with the row, threads per block (0 on the CPU).
+// staged with the row, threads per block (0 on the CPU), the shared-memory carveout in
+// percent the launch asked for (-1: the kernel's own, also under stream capture).
 struct NormPlan {
   const char* strategy;
   bool split;
   bool staged_weights;
   int threads;
+  int carveout = -1;
 };
 void set_norm_last_plan(const NormPlan& plan);
 
@@ -108,6 +110,12 @@ int64_t set_norm_vecs_per_thread(int64_t v);
 // row), 1 always, 2 (the default) in launches of up to 64 rows; sets it and returns the
 // previous value, -1 only queries.
 int64_t set_norm_split_chunks(int64_t mode);
+// The staged norm kernels' shared-memory carveout per launch: 0 (the default) by size --
+// launches of 4096 or more rows reading norm weights from global memory take the smallest
+// configuration that keeps their occupancy and leaves the L1 cache room for the weights
+// (norm_carveout in common.cu) -- or 1..100, that percentage for every staged launch; sets
+// it and returns the previous value, -1 only queries.
+int64_t set_norm_carveout(int64_t value);
 }  // namespace cuda
 #endif
 

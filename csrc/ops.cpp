@@ -14,11 +14,11 @@ namespace {
 // The path that served this thread's last rms_norm_cat_linear call (fc_last_path).
 thread_local const char* t_last_fc_path = "";
 // This thread's last norm launch (norm_last_plan); the CUDA launchers record theirs.
-thread_local NormPlan t_last_norm_plan{"none", false, false, 0};
+thread_local NormPlan t_last_norm_plan{"none", false, false, 0, -1};
 
 extern const Backend kCpu;
 void start_norm_plan(const Backend& b, int64_t rows) {
-  t_last_norm_plan = NormPlan{rows == 0 ? "none" : (&b == &kCpu ? "cpu" : "unrecorded"), false, false, 0};
+  t_last_norm_plan = NormPlan{rows == 0 ? "none" : (&b == &kCpu ? "cpu" : "unrecorded"), false, false, 0, -1};
 }
 
 at::Tensor rms_norm_cat_impl(const Backend& b, const std::vector<at::Tensor>& xs,
@@ -160,6 +160,10 @@ std::string norm_last_plan() {
   if (p.split) s += "+split";
   if (p.staged_weights) s += "+w";
   if (p.threads > 0) s += " " + std::to_string(p.threads);
+  if (p.carveout >= 0) {
+    s += " c";
+    s += std::to_string(p.carveout);
+  }
   return s;
 }
 

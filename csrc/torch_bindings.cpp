@@ -149,6 +149,14 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_norm_split_chunks", value, value >= 0 && value <= 2, ", 0, 1 or 2 (by size)",
                            EAGLE3_CUDA_SETTER(set_norm_split_chunks));
   });
+  // The staged CUDA norm kernels' shared-memory carveout per launch: 0 (the default) by
+  // size (launches of 4096 or more rows that read norm weights from global memory leave the
+  // L1 cache room for them), 1..100 that percentage for every staged launch (100: the
+  // largest shared memory, as before).
+  m.def("_norm_carveout(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_norm_carveout", value, value >= 0 && value <= 100, ", 0 (by size) or 1..100 (percent)",
+                           EAGLE3_CUDA_SETTER(set_norm_carveout));
+  });
   // "cuda" when this build holds the CUDA kernels, else "cpu" (eagle3_ops.has_cuda_kernels()).
   m.def("_build_info() -> str", []() -> std::string {
 #ifdef EAGLE3_WITH_CUDA

@@ -915,23 +915,40 @@ def test_fused_add_rms_norm_vecs_per_thread(device, seed, dtype, H, strategy, ve
         check_fused_add(device, x, r, bases, rng.norm_weight(H, torch.float32), EPS)
 
 
+def assert_plan(plan: str) -> None:
+    """_norm_last_plan is `plan`. Its carveout (" cNN") is the percentage of an SM with 228
+    KB of shared memory (Hopper); on other cards the carveout's figure is not compared."""
+    got = torch.ops.eagle3._norm_last_plan()
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if getattr(props, "shared_memory_per_multiprocessor", 0) == 228 * 1024:
+        assert got == plan, (got, plan)
+    else:
+        assert re.sub(r" c\d+$", "", got) == re.sub(r" c\d+$", "", plan), (got, plan)
+
+
+# The carveouts by size (Hopper, 228 KB of shared memory per SM): c71 = 164 KB (the blocks
+# the threads allow per SM fit; L1 92 KB), c85 = 196 KB (rms_norm_cat K=3 H=4096: 7 of its
+# 8 blocks, leaving the L1 cache room for the 24 KB of weights; H=7168 with one statistic
+# per row: 4 blocks of 43 KB).
 @pytest.mark.parametrize("op,T,widths,shared,plan", [
-    ("rms_norm_cat", 4096, [7168] * 3, False, "staged+split 224"),   # wide chunks, large launch
-    ("rms_norm_cat", 4096, [8192] * 2, False, "staged+split 256"),
-    ("rms_norm_cat", 4096, [7168] * 3, True, "staged 448"),          # one statistic per row
-    ("rms_norm_cat", 4095, [7168] * 3, False, "staged 448"),         # below the large launches
-    ("rms_norm_cat", 4096, [4096] * 3, False, "staged 256"),         # chunks not wide
-    ("rms_norm_cat", 64, [4096] * 3, False, "staged+split+w 512"),   # small launch
+    ("rms_norm_cat", 4096, [7168] * 3, False, "staged+split 224 c71"),   # wide chunks, large launch
+    ("rms_norm_cat", 4096, [8192] * 2, False, "staged+split 256 c71"),
+    ("rms_norm_cat", 4096, [7168] * 3, True, "staged 448 c85"),          # one statistic per row
+    ("rms_norm_cat", 4095, [7168] * 3, False, "staged 448"),             # below the large launches
+    ("rms_norm_cat", 4096, [4096] * 3, False, "staged 256 c85"),         # chunks not wide
+    ("rms_norm_cat", 64, [4096] * 3, False, "staged+split+w 512"),       # small launch
     ("fused_add_rms_norm", 64, [4096], None, "staged+w 512"),
     ("fused_add_rms_norm", 512, [4096], None, "staged 512"),
     ("fused_add_rms_norm", 4095, [4096], None, "staged 512"),
-    ("fused_add_rms_norm", 4096, [4096], None, "staged 256"),
+    ("fused_add_rms_norm", 4096, [4096], None, "staged 256 c71"),
 ])
 def test_norm_default_plans_by_size(device, seed, op, T, widths, shared, plan):
     """The default plans of the CUDA norm kernels by launch size (bf16, weights of the input
     dtype): rms_norm_cat splits large launches of chunks wider than 4096 elements by (row,
     chunk) with 4 vectors per thread; fused_add_rms_norm gives each thread one vector below
-    4096 rows. Each also matches the reference. CUDA only (the CPU has no plans)."""
+    4096 rows; launches of 4096 or more rows reading their weights from global memory take
+    a smaller shared-memory carveout. Each also matches the reference. CUDA only (the CPU
+    has no plans)."""
     if torch.device(device).type != "cuda":
         pytest.skip("the launch plans are the CUDA kernels'")
     rng = Rng(seed, device)
@@ -942,7 +959,34 @@ def test_norm_default_plans_by_size(device, seed, op, T, widths, shared, plan):
     else:
         x, r, bases = make_pair(rng, "contig", T, widths[0], dtype)
         check_fused_add(device, x, r, bases, rng.norm_weight(widths[0], dtype), EPS)
-    assert torch.ops.eagle3._norm_last_plan() == plan
+    assert_plan(plan)
+
+
+@pytest.mark.parametrize("carveout", [0, 30, 100])
+def test_norm_carveout(device, seed, carveout):
+    """The staged norm kernels under each shared-memory carveout (_norm_carveout: 0 by size,
+    else that percentage) match the reference at T = 5 and 4096, with and without weights;
+    the plan names the carveout: a fixed one for every staged launch, by size only for
+    launches of 4096 or more rows whose weights are read from global memory (weights of
+    fp32 take twice the L1 room: rms_norm_cat K=3 H=4096 then 164 KB, 6 blocks)."""
+    if torch.device(device).type != "cuda":
+        pytest.skip("the carveout is the CUDA kernels'")
+    rng = Rng(seed, device)
+    widths = [4096] * 3
+    with kernel_switches(norm_carveout=carveout):
+        assert torch.ops.eagle3._norm_carveout(-1) == carveout
+        for T in (5, 4096):
+            large = T >= 4096
+            fixed = f" c{carveout}" if carveout else ""
+            xs, bases = make_chunks(rng, "split", T, widths, torch.bfloat16)
+            for kind, by_size in (("same", " c85"), ("fp32", " c71"), ("none", "")):
+                check_rms_norm_cat(device, xs, bases, make_weights(rng, kind, widths, torch.bfloat16), EPS, False,
+                                   (T,), f"carveout {carveout} T={T} {kind}")
+                plan = ("staged 256" if large else "staged+split" + ("+w" if kind != "none" else "") + " 512")
+                assert_plan(plan + (fixed or (by_size if large else "")))
+            x, r, pair_bases = make_pair(rng, "contig", T, 4096, torch.bfloat16)
+            check_fused_add(device, x, r, pair_bases, rng.norm_weight(4096, torch.bfloat16), EPS)
+            assert_plan(("staged 256" if large else "staged+w 512") + (fixed or (" c71" if large else "")))
 
 
 def test_strategy_switches_validate_their_argument():
@@ -1233,6 +1277,7 @@ SWITCH_ERRORS = {
     "norm_registers": (2, "_norm_registers: value must be -1 (query), 0 or 1, got 2"),
     "norm_split_chunks": (-3, "_norm_split_chunks: value must be -1 (query), 0, 1 or 2 (by size), got -3"),
     "norm_stage_weights": (-2, "_norm_stage_weights: value must be -1 (query) or a row count >= 0, got -2"),
+    "norm_carveout": (101, "_norm_carveout: value must be -1 (query), 0 (by size) or 1..100 (percent), got 101"),
     "norm_vecs_per_thread": (9, "_norm_vecs_per_thread: value must be -1 (query), 0 (by rows) or 1..8, got 9"),
     "fc_decode_max_tokens": (9, "_fc_decode_max_tokens: value must be -1 (query) or 0..8, got 9"),
     "fc_mma_max_tokens": (65, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got 65"),

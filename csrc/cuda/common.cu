@@ -32,6 +32,21 @@ int sm_count(int device) {
   return cached_attribute(cudaDevAttrMultiProcessorCount, device, cache);
 }
 
+namespace {
+int max_smem_per_sm(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
+  return cached_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device, cache);
+}
+int max_threads_per_sm(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
+  return cached_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device, cache);
+}
+int reserved_smem_per_block(int device) {  // 1 KB on sm_80 / sm_90 (0 would be re-queried: harmless)
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
+  return cached_attribute(cudaDevAttrReservedSharedMemoryPerBlock, device, cache);
+}
+}  // namespace
+
 // The norm kernels' strategy defaults: stage rows of up to 100 KB in shared memory, no
 // register-resident kernel. On the H100 (T=16384, bf16; bench/results/
 // nvidia-h100-80gb-hbm3-80ab0d87a9d7-tune.json) the staged kernel reached 81-98% of the copy
@@ -92,6 +107,55 @@ bool norm_registers() { return g_norm_registers.load(std::memory_order_relaxed);
 int64_t set_norm_registers(int64_t on) { return query_or_set(g_norm_registers, on); }
 
 int64_t set_norm_stage_limit(int64_t bytes) { return query_or_set(g_norm_stage_limit, bytes); }
+
+// The staged norm kernels' shared-memory carveout per launch (set_norm_carveout): 0 (the
+// default) by size, 1..100 a fixed percentage.
+//
+// configure_staging_kernel asks for the largest carveout (228 KB of shared memory on Hopper),
+// which leaves the L1 cache its minimum of 28 KB. In large launches the norm weights are
+// read from global memory for every row, and they did not stay in that L1: Nsight Compute
+// on the H200 (c357b83, bench/profile_cases.py, T=16384, bf16) showed an L1 hit rate of 13%
+// for rms_norm_cat K=3 H=4096 (24 KB of weights per row) at 3.48 TB/s, and 7% at H=8192,
+// against 4.14 TB/s for the same kernel without weights (the fc's pair, H=7168) and 42% L1
+// hits for torch.compile's fused_add_rms_norm (16 KB shared-memory configuration).
+// By size: a launch of at least kLargeLaunchRows rows that reads weights from global memory
+// takes the smallest configuration that still holds the blocks its threads allow per
+// multiprocessor, and a smaller one where that would leave the L1 cache less than the
+// weights plus kL1Slack (rms_norm_cat K=3 H=4096: 196 KB, 7 blocks of 8).
+namespace {
+std::atomic<int> g_norm_carveout{0};
+constexpr int64_t kMinL1Bytes = 28 * 1024;  // L1 left by the largest carveout (sm_80, sm_86, sm_89, sm_90)
+constexpr int64_t kL1Slack = 16 * 1024;
+// The shared-memory capacities an SM can be configured to (CUDA C++ Programming Guide,
+// compute capabilities 8.x and 9.x), up to the device's maximum.
+constexpr int kCarveoutKB[] = {0, 8, 16, 32, 64, 100, 132, 164, 196, 228};
+}  // namespace
+
+int norm_carveout(int64_t rows, int64_t block_smem, int threads, int64_t weight_bytes, int device) {
+  const int fixed = g_norm_carveout.load(std::memory_order_relaxed);
+  if (fixed > 0) return fixed;
+  if (rows < kLargeLaunchRows || weight_bytes <= 0 || threads <= 0) return -1;
+  const int64_t max_sm = max_smem_per_sm(device);
+  const int64_t per_block = block_smem + reserved_smem_per_block(device);
+  const int64_t blocks = std::max(1, std::min(max_threads_per_sm(device) / threads, 32));
+  const int64_t l1_cap = max_sm + kMinL1Bytes - (weight_bytes + kL1Slack);  // largest carveout leaving that L1
+  int64_t full = max_sm, fits_l1 = -1, one_block = max_sm;
+  for (const int kb : kCarveoutKB) {
+    const int64_t bytes = int64_t{kb} * 1024;
+    if (bytes > max_sm) break;
+    if (bytes >= blocks * per_block) full = std::min(full, bytes);
+    if (bytes >= per_block) one_block = std::min(one_block, bytes);
+    if (bytes <= l1_cap) fits_l1 = bytes;
+  }
+  int64_t chosen = full;
+  if (fits_l1 >= 0 && fits_l1 < chosen) chosen = std::max(fits_l1, one_block);
+  if (chosen >= max_sm) return -1;  // the kernel's own (largest) carveout
+  // The driver rounds a percentage up to the next capacity; the configurations are more
+  // than 1% of the maximum apart, so the floor maps back onto `chosen`.
+  return static_cast<int>(std::max<int64_t>(1, chosen * 100 / max_sm));
+}
+
+int64_t set_norm_carveout(int64_t value) { return query_or_set(g_norm_carveout, value); }
 
 void configure_staging_kernel(const void* kernel, int device) {
   // Once per device and kernel, under a lock (another host thread may launch the same

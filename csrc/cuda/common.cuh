@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "launchers.h"
 
@@ -283,6 +284,42 @@ inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
 // maximum and ask for the largest shared-memory carveout (once per device and kernel), so
 // the rows in flight per SM are bounded by the stage size, not by the L1 / shared split.
 void configure_staging_kernel(const void* kernel, int device);
+
+// The shared-memory carveout (percent) for a staged norm launch of `rows` rows, blocks of
+// `threads` threads and `block_smem` bytes of dynamic shared memory, reading `weight_bytes`
+// of norm weights from global memory for every row (0 when none or staged): the value of
+// set_norm_carveout, or by size (common.cu) the smallest configuration that keeps the
+// launch's occupancy and leaves the L1 cache room for the weights; -1: the kernel's own
+// (the largest, configure_staging_kernel).
+int norm_carveout(int64_t rows, int64_t block_smem, int threads, int64_t weight_bytes, int device);
+
+// kernel<<<grid, threads, smem, stream>>>(args...), with the shared-memory carveout
+// `carveout` (percent) as a launch attribute where it is >= 0 and the stream is not being
+// captured (the attribute is documented for launches, not for graph nodes). Returns the
+// carveout applied, -1 for none.
+template <typename... Params, typename... Args>
+int launch_with_carveout(void (*kernel)(Params...), unsigned grid, int threads, int64_t smem, cudaStream_t stream,
+                          int carveout, Args&&... args) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (carveout >= 0) C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (carveout < 0 || capture != cudaStreamCaptureStatusNone) {
+    kernel<<<grid, threads, static_cast<size_t>(smem), stream>>>(std::forward<Args>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return -1;
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+  attr.val.sharedMemCarveout = static_cast<unsigned>(carveout);
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  return carveout;
+}
 
 // Threads for a launch of `rows` rows whose largest chunk has `max_vecs` vectors: about
 // norm_vecs_per_thread(rows, by_shape) vectors per thread (a multiple of 32 threads, at most 512).

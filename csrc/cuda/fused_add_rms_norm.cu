@@ -219,13 +219,18 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     const int64_t w_bytes = vec && wp ? stage_weights_bytes(plan, rows, width_pad * w_size, device) : 0;
     plan.smem += w_bytes;
     auto* kernel = plan.staged ? fused_add_rms_norm_kernel<scalar_t, true> : fused_add_rms_norm_kernel<scalar_t, false>;
-    if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
-    kernel<<<static_cast<unsigned>(grid), threads, plan.smem, stream>>>(
-        static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
-        r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
-        rows, static_cast<int>(width), eps, vec, w_bytes > 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    set_norm_last_plan({plan.staged ? "staged" : "two-pass", false, w_bytes > 0, threads});
+    int carveout = -1;
+    if (plan.staged) {
+      configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
+      carveout = norm_carveout(rows, plan.smem, threads, wp && w_bytes == 0 ? width * w_size : 0, device);
+    }
+    carveout = launch_with_carveout(kernel, static_cast<unsigned>(grid), threads, plan.smem, stream, carveout,
+                                    static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0),
+                                    static_cast<const scalar_t*>(r2.data_ptr()), r2.stride(0), wp, w_kind,
+                                    static_cast<scalar_t*>(normed.data_ptr()),
+                                    static_cast<scalar_t*>(sum.data_ptr()), rows, static_cast<int>(width), eps, vec,
+                                    w_bytes > 0);
+    set_norm_last_plan({plan.staged ? "staged" : "two-pass", false, w_bytes > 0, threads, carveout});
   });
 }
 

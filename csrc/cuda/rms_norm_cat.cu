@@ -324,13 +324,23 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     const int w_stage_off = w_bytes > 0 ? static_cast<int>(plan.smem) : 0;
     plan.smem += w_bytes;
     auto* kernel = plan.staged ? rms_norm_cat_kernel<scalar_t, true> : rms_norm_cat_kernel<scalar_t, false>;
-    if (plan.staged) configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
+    int carveout = -1;
+    if (plan.staged) {
+      configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
+      // the weights every row reads from global memory (none where they are staged)
+      int64_t global_w = 0;
+      for (int k = 0; k < num_chunks && w_bytes == 0; ++k)
+        if (tab.c[k].w_kind != kNoWeight)
+          global_w += c.widths[k] * (tab.c[k].w_kind == kWeightFp32 ? 4 : static_cast<int64_t>(sizeof(scalar_t)));
+      carveout = norm_carveout(c.num_rows, plan.smem, threads, global_w, device);
+    }
     const int64_t items = split ? c.num_rows * num_chunks : c.num_rows;
-    kernel<<<static_cast<unsigned>(std::min<int64_t>(items, INT32_MAX)), threads, plan.smem, stream>>>(
-        tab, num_chunks, static_cast<scalar_t*>(out.data_ptr()), c.num_rows, static_cast<int>(c.total_width), eps,
-        static_cast<int>(mode), split, w_stage_off, w_slot);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    set_norm_last_plan({plan.staged ? "staged" : "two-pass", split, w_bytes > 0, threads});
+    carveout = launch_with_carveout(kernel, static_cast<unsigned>(std::min<int64_t>(items, INT32_MAX)), threads,
+                                    plan.smem, stream, carveout, tab, num_chunks,
+                                    static_cast<scalar_t*>(out.data_ptr()), c.num_rows,
+                                    static_cast<int>(c.total_width), eps, static_cast<int>(mode), split, w_stage_off,
+                                    w_slot);
+    set_norm_last_plan({plan.staged ? "staged" : "two-pass", split, w_bytes > 0, threads, carveout});
   });
 }
 
