@@ -74,9 +74,9 @@ def run(one: bool) -> int:
     # ones it takes), also with its k range split over clusters of three and in clusters of
     # two, rms_norm_cat with one block per (row, chunk), the staged norms launched with a
     # shared-memory carveout, and the norm weights staged with the rows (blocks of one and
-    # two vectors per thread). The wgmma kernel takes the norm
-    # statistics from its tiles where they apply (its default): norm "shared" and one-chunk
-    # "chunk" in every pass, and with the k range split over three blocks, K=3 "chunk".
+    # two vectors per thread). The wgmma kernel takes the norm statistics from its tiles
+    # where they apply (its default): norm "shared" and one-chunk "chunk" in every pass, and
+    # with the k range split over three blocks, K=3 "chunk".
     passes = (
         (dict(fc_decode_max_tokens=8), (False, True)),
         (dict(norm_stage_limit=0), (False, True)),

@@ -2,34 +2,32 @@
 
     python -m bench.tune [--out FILE.json] [--parts norm,carveout,fc,prefill,wgmma]
 
-For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside one block per
-row ("row", ``_norm_split_chunks(0)``; for rms_norm_cat "split": one block per (row,
-chunk), ``_norm_split_chunks(1)``) with blocks of 4 vectors per thread ("v4", the first
-runs' size), 1 or 2 ("v1", "v2"; ``_norm_vecs_per_thread``; 3 at T=16384, H=7168), "+w"
-where the norm weights are staged with the row (``_norm_stage_weights``), and the register
-kernel (``_norm_registers(1)``; for fused_add_rms_norm also "registers+w", the weights
-loaded with the row, and "registers v2" at T=16384). ``--parts carveout``: the staged norm
-kernels' shared-memory carveout in large launches (``_norm_carveout``: by size, 100, 71). For the fc (``--parts fc``, T = 1..64,
-H = 4096, 5120, 7168): the defaults, the mma.sync kernel at any grid with 16, 32 or 64
-features per block ("mma f16" ...: ``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0)``,
-``_fc_mma_features``), on Hopper from T=8 the wgmma kernel with its k range split over
-clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``, the norm statistics
-added up over the cluster; "wgmma-128 sk pre": from a pre-pass, ``_fc_wgmma_tile_stats(0)``),
-and rms_norm_cat + cuBLAS. On Hopper, ``--parts prefill``: the wgmma kernel's norm
-statistics at T = 2048 / 16384, H = 4096 / 7168, norm "shared" (from the pre-pass, in
-multicast pairs too, or from each block's tiles) and "chunk" (the pre-pass, or one block per
-chunk of a cluster of three, "sk3"); ``--parts wgmma``: the wgmma kernel (128 or 256 features per
-block; "c2": clusters of two blocks multicasting the weight tiles; "sk" and "sk pre" at
-T=128) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
+For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside one block per row
+("row", ``_norm_split_chunks(0)``; for rms_norm_cat "split": one block per (row, chunk),
+``_norm_split_chunks(1)``) with blocks of 4 vectors per thread ("v4", the first runs' size),
+1 or 2 ("v1", "v2"; ``_norm_vecs_per_thread``; 3 at T=16384, H=7168), "+w" where the norm
+weights are staged with the row (``_norm_stage_weights``), and the register kernel
+(``_norm_registers(1)``; for fused_add_rms_norm also "registers+w", the weights loaded with
+the row, and "registers v2" at T=16384). ``--parts carveout``: the staged norm kernels'
+shared-memory carveout in large launches (``_norm_carveout``: by size, 100, 71). For the fc
+(``--parts fc``, T = 1..64, H = 4096, 5120, 7168): the defaults, the mma.sync kernel at any
+grid with 16, 32 or 64 features per block ("mma f16" ...: ``_fc_mma_max_tokens``,
+``_fc_mma_max_waves(0)``, ``_fc_mma_features``), on Hopper from T=8 the wgmma kernel with
+its k range split over clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``,
+the norm statistics added up over the cluster; "wgmma-128 sk pre": from a pre-pass,
+``_fc_wgmma_tile_stats(0)``), and rms_norm_cat + cuBLAS. On Hopper, ``--parts prefill``: the
+wgmma kernel's norm statistics at T = 2048 / 16384, H = 4096 / 7168, norm "shared" (from the
+pre-pass, in multicast pairs too, or from each block's tiles) and "chunk" (the pre-pass, or
+one block per chunk of a cluster of three, "sk3"); ``--parts wgmma``: the wgmma kernel (128
+or 256 features per block; "c2": clusters of two blocks multicasting the weight tiles; "sk"
+and "sk pre" at T=128) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
 (``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster`` /
-``_fc_wgmma_split_k``).
-Each row names the path that served it (``_fc_last_path``; for the norm kernels the launch's
-plan, ``_norm_last_plan``: strategy, weights staged, threads per block), so a kernel that
-declined shows as such.
-Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64, events above),
-the variants of a case timed together in interleaved turns (bench/timing.py), beside the
-copy bandwidth measured in the same run and the variant's error against float64.
-The defaults in csrc/ are chosen from these tables.
+``_fc_wgmma_split_k``). Each row names the path that served it (``_fc_last_path``; for the
+norm kernels the launch's plan, ``_norm_last_plan``: strategy, weights staged, threads per
+block), so a kernel that declined shows as such. Each figure is a median on rotated inputs
+(CUDA-graph replay for T <= 64, events above), the variants of a case timed together in
+interleaved turns (bench/timing.py), beside the copy bandwidth measured in the same run and
+the variant's error against float64. The defaults in csrc/ are chosen from these tables.
 """
 
 from __future__ import annotations

@@ -11,41 +11,24 @@ namespace eagle3::cuda {
 namespace {
 constexpr int kMaxDevices = 64;
 
-int cached_attribute(cudaDeviceAttr attr, int device, std::array<std::atomic<int>, kMaxDevices>& cache) {
+// Device attribute kAttr of `device`, queried once per device (0 counts as not yet queried;
+// every writer stores the same value).
+template <cudaDeviceAttr kAttr>
+int device_attribute(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
   TORCH_CHECK(device >= 0 && device < kMaxDevices, "eagle3: device index ", device, " out of range");
   int v = cache[device].load(std::memory_order_relaxed);
   if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
-    cache[device].store(v, std::memory_order_relaxed);  // every writer stores the same value
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
+    cache[device].store(v, std::memory_order_relaxed);
   }
   return v;
 }
 }  // namespace
 
-int max_smem_optin(int device) {
-  static std::array<std::atomic<int>, kMaxDevices> cache{};
-  return cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, cache);
-}
+int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
-int sm_count(int device) {
-  static std::array<std::atomic<int>, kMaxDevices> cache{};
-  return cached_attribute(cudaDevAttrMultiProcessorCount, device, cache);
-}
-
-namespace {
-int max_smem_per_sm(int device) {
-  static std::array<std::atomic<int>, kMaxDevices> cache{};
-  return cached_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device, cache);
-}
-int max_threads_per_sm(int device) {
-  static std::array<std::atomic<int>, kMaxDevices> cache{};
-  return cached_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device, cache);
-}
-int reserved_smem_per_block(int device) {  // 1 KB on sm_80 / sm_90 (0 would be re-queried: harmless)
-  static std::array<std::atomic<int>, kMaxDevices> cache{};
-  return cached_attribute(cudaDevAttrReservedSharedMemoryPerBlock, device, cache);
-}
-}  // namespace
+int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
 // The norm kernels' strategy defaults: stage rows of up to 100 KB in shared memory, no
 // register-resident kernel. On the H100 (T=16384, bf16; bench/results/
@@ -143,9 +126,10 @@ int norm_carveout(int64_t rows, int64_t block_smem, int threads, int64_t weight_
   const int fixed = g_norm_carveout.load(std::memory_order_relaxed);
   if (fixed > 0) return fixed;
   if (rows < kLargeLaunchRows || weight_bytes <= 0 || threads <= 0) return -1;
-  const int64_t max_sm = max_smem_per_sm(device);
-  const int64_t per_block = block_smem + reserved_smem_per_block(device);
-  const int64_t blocks = std::max(1, std::min(max_threads_per_sm(device) / threads, 32));
+  const int64_t max_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device);
+  const int64_t per_block = block_smem + device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(device);
+  const int64_t blocks =
+      std::max(1, std::min(device_attribute<cudaDevAttrMaxThreadsPerMultiProcessor>(device) / threads, 32));
   const int64_t l1_cap = max_sm + kMinL1Bytes - (weight_bytes + kL1Slack);  // largest carveout leaving that L1
   int64_t full = max_sm, fits_l1 = -1, one_block = max_sm;
   for (const int kb : kCarveoutKB) {

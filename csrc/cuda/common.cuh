@@ -282,7 +282,8 @@ inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
 }
 // Before a launch of a staging kernel: raise its dynamic shared-memory limit to the opt-in
 // maximum and ask for the largest shared-memory carveout (once per device and kernel), so
-// the rows in flight per SM are bounded by the stage size, not by the L1 / shared split.
+// the rows in flight per SM are bounded by the stage size, not by the L1 / shared split
+// (a launch may ask for less: norm_carveout, launch_with_carveout).
 void configure_staging_kernel(const void* kernel, int device);
 
 // The shared-memory carveout (percent) for a staged norm launch of `rows` rows, blocks of
@@ -299,7 +300,7 @@ int norm_carveout(int64_t rows, int64_t block_smem, int threads, int64_t weight_
 // carveout applied, -1 for none.
 template <typename... Params, typename... Args>
 int launch_with_carveout(void (*kernel)(Params...), unsigned grid, int threads, int64_t smem, cudaStream_t stream,
-                          int carveout, Args&&... args) {
+                         int carveout, Args&&... args) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (carveout >= 0) C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (carveout < 0 || capture != cudaStreamCaptureStatusNone) {
