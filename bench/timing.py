@@ -208,11 +208,11 @@ def time_interleaved(call_sets: Mapping[str, Sequence[Call]], budget: Budget, de
             continue
         rr, b = live[name], batch[name]
         try:
+            turn_host: List[float] = []
             with _within(contexts, name):
-                n_host = len(host[name])
-                got = _turn(lambda: rr.run(b), share, t_est[name] < STEADY_CALL_S, cuda, host[name])
+                got = _turn(lambda: rr.run(b), share, t_est[name] < STEADY_CALL_S, cuda, turn_host)
             samples[name] += [t / b for t in got]
-            host[name][n_host:] = [t / b for t in host[name][n_host:]]
+            host[name] += [t / b for t in turn_host]
         except Exception as e:
             out[name] = e
             _sync_quietly(cuda)

@@ -329,9 +329,11 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       configure_staging_kernel(reinterpret_cast<const void*>(kernel), device);
       // the weights every row reads from global memory (none where they are staged)
       int64_t global_w = 0;
-      for (int k = 0; k < num_chunks && w_bytes == 0; ++k)
-        if (tab.c[k].w_kind != kNoWeight)
-          global_w += c.widths[k] * (tab.c[k].w_kind == kWeightFp32 ? 4 : static_cast<int64_t>(sizeof(scalar_t)));
+      if (w_bytes == 0) {
+        for (int k = 0; k < num_chunks; ++k)
+          if (tab.c[k].w_kind != kNoWeight)
+            global_w += c.widths[k] * (tab.c[k].w_kind == kWeightFp32 ? 4 : static_cast<int64_t>(sizeof(scalar_t)));
+      }
       carveout = norm_carveout(c.num_rows, plan.smem, threads, global_w, device);
     }
     const int64_t items = split ? c.num_rows * num_chunks : c.num_rows;
