@@ -69,7 +69,7 @@ def run(one: bool) -> int:
     cases = 0
     # Every kernel path, each pass its switches on top of the defaults: the staged, two-pass
     # and register-resident norms (fused_add_rms_norm's with its weights loaded with the
-    # row), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5 here; 32 and 64
+    # row; blocks of 1, 2 and 4 vectors per thread), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5 here; 32 and 64
     # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only
     # ones it takes), also with its k range split over clusters of three and in clusters of
     # two, rms_norm_cat with one block per (row, chunk), the staged norms launched with a
@@ -81,6 +81,9 @@ def run(one: bool) -> int:
         (dict(fc_decode_max_tokens=8), (False, True)),
         (dict(norm_stage_limit=0), (False, True)),
         (dict(norm_registers=1, fc_mma_max_tokens=64, fc_mma_features=32), (False, True)),
+        # the register kernels' instances for 2 and 4 vectors per thread (1 above)
+        (dict(norm_registers=1, norm_vecs_per_thread=2), (True,)),
+        (dict(norm_registers=1, norm_vecs_per_thread=4), (True,)),
         (dict(fc_mma_max_tokens=64, fc_mma_max_waves=0, fc_mma_features=64), (True,)),
         (dict(fc_decode_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_tile_stats=1), (True,)),
         (dict(norm_split_chunks=1), (False, True)),

@@ -1,6 +1,6 @@
 """Quick GPU comparison of the kernels' alternative strategies, in one process (~1-2 min).
 
-    python -m bench.tune [--out FILE.json] [--parts norm,carveout,fc,prefill,wgmma]
+    python -m bench.tune [--out FILE.json] [--parts norm,carveout,registers,fc,prefill,wgmma]
 
 For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside one block per row
 ("row", ``_norm_split_chunks(0)``; for rms_norm_cat "split": one block per (row, chunk),
@@ -9,7 +9,9 @@ For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside one b
 weights are staged with the row (``_norm_stage_weights``), and the register kernel
 (``_norm_registers(1)``; for fused_add_rms_norm also "registers+w", the weights loaded with
 the row, and "registers v2" at T=16384). ``--parts carveout``: the staged norm kernels'
-shared-memory carveout in large launches (``_norm_carveout``: by size, 100, 71). For the fc
+shared-memory carveout in large launches (``_norm_carveout``: by size, 100, 71);
+``--parts registers``: the register kernels at T = 4096 / 16384 with 1, 2 or 4 vectors per
+thread against the defaults. For the fc
 (``--parts fc``, T = 1..64, H = 4096, 5120, 7168): the defaults, the mma.sync kernel at any
 grid with 16, 32 or 64 features per block ("mma f16" ...: ``_fc_mma_max_tokens``,
 ``_fc_mma_max_waves(0)``, ``_fc_mma_features``), on Hopper from T=8 the wgmma kernel with
@@ -45,7 +47,7 @@ from bench import cases as C
 from bench import timing
 
 OPS = torch.ops.eagle3
-PARTS = ("norm", "carveout", "fc", "prefill", "wgmma")  # --parts
+PARTS = ("norm", "carveout", "registers", "fc", "prefill", "wgmma")  # --parts
 
 
 def _time_variants(case: C.Case, variants, budget: timing.Budget, cache_bytes: int) -> tuple:
@@ -111,7 +113,7 @@ def main() -> None:
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--parts", default=",".join(PARTS),
                    help="comma-separated: norm (the norm kernels), carveout (their shared-memory carveout at "
-                        "large T), fc (T <= 64), prefill (the wgmma kernel's "
+                        "large T), registers (their register kernels at large T), fc (T <= 64), prefill (the wgmma kernel's "
                         "norm statistics at T = 2048 / 16384), wgmma (the Hopper grid, the longest)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
@@ -195,6 +197,16 @@ def _sweep(measure, parts) -> None:
                      ("fused_add_rms_norm", 4096, 4096)) if "carveout" in parts else ():
         measure(C.make_case(op, T, H, torch.bfloat16, "cuda"),
                 [("default", {}), ("c100", dict(norm_carveout=100)), ("c71", dict(norm_carveout=71))])
+    # The register kernels at large T (_norm_registers(1)), one instance per vectors per
+    # thread since their arrays are sized by it (the bf16 fused_add_rms_norm kernel held 98
+    # registers before, at 2 vectors per thread as at 4: 25% occupancy): 1, 2 and 4 vectors
+    # per thread against the default (staged) kernels.
+    for op, T, H in (("fused_add_rms_norm", 16384, 4096), ("fused_add_rms_norm", 16384, 8192),
+                     ("fused_add_rms_norm", 4096, 4096), ("rms_norm_cat", 16384, 4096),
+                     ("rms_norm_cat", 16384, 8192), ("midlayer_cat", 16384, 4096)) if "registers" in parts else ():
+        measure(C.make_case(op, T, H, torch.bfloat16, "cuda"),
+                [("default", {})] + [(f"registers v{v}", dict(norm_registers=1, norm_vecs_per_thread=v))
+                                     for v in (1, 2, 4)])
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
     # the wgmma kernel's newest paths -- its k range split over clusters, its statistics from
     # the tiles (the "prefill" part) -- unless gpu_check.sh's tests of the kernel failed (a

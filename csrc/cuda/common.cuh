@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "launchers.h"
@@ -236,8 +237,8 @@ StagePlan plan_stage(int64_t scratch_bytes, int64_t stage_bytes, int device);
 int64_t stage_weights_bytes(const StagePlan& plan, int64_t rows, int64_t weight_bytes, int device);
 
 // The register-resident strategy of the norm kernels (set_norm_registers): every thread
-// keeps its kRegVecs vectors of each chunk in registers between the sum of squares and the
-// scaled write (the row is read once, nothing is staged). Used, when switched on, for rows
+// keeps its vectors (up to kRegVecs) of each chunk in registers between the sum of squares
+// and the scaled write (the row is read once, nothing is staged). Used, when switched on, for rows
 // whose chunks all allow 16-byte accesses, at most kRegMaxChunks chunks, and at most
 // kRegVecs x reg_max_threads(K) vectors per chunk; reg_threads gives the block size, 0 when a
 // row does not qualify.
@@ -274,6 +275,24 @@ inline int reg_threads(int64_t max_vecs, int num_chunks, bool all_vec, int64_t r
   int t = round_up(static_cast<int>((max_vecs + v - 1) / v), 32);
   if (t > reg_max_threads(num_chunks)) t = round_up(static_cast<int>((max_vecs + kRegVecs - 1) / kRegVecs), 32);
   return std::max(32, t);
+}
+
+// The vectors per thread of the register kernels' instance for a block of `threads` threads
+// over rows of `max_vecs` vectors (reg_threads): 1, 2 or kRegVecs. Each instance sizes its
+// register arrays by it: with arrays for 4 the bf16 fused_add_rms_norm kernel took 98
+// registers (25% occupancy, Nsight Compute, H200) also in its blocks of 2 vectors per thread.
+inline int reg_vecs(int64_t max_vecs, int threads) {
+  const int64_t n = (max_vecs + threads - 1) / threads;
+  TORCH_CHECK(n <= kRegVecs, "eagle3 register norm kernel: ", max_vecs, " vectors over ", threads,
+              " threads exceed ", kRegVecs, " per thread");
+  return n <= 1 ? 1 : n <= 2 ? 2 : kRegVecs;
+}
+// f(std::integral_constant<int, nv>{}) for nv = reg_vecs(...), one of 1, 2, kRegVecs.
+template <typename F>
+void with_reg_vecs(int nv, F&& f) {
+  if (nv == 1) f(std::integral_constant<int, 1>{});
+  else if (nv == 2) f(std::integral_constant<int, 2>{});
+  else f(std::integral_constant<int, kRegVecs>{});
 }
 
 // The WeightKind of an optional norm weight for inputs of dtype x.

@@ -125,14 +125,15 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
   }
 }
 
-// The register-resident strategy (norm_registers): every thread streams its kRegVecs
-// vectors of x and of residual into registers (all loads of the row in flight at once),
-// writes s = x + residual and sums its squares, then writes the normalised row from the
-// same registers. Nothing is staged; the row is read from memory once. kPreW (launches of
-// up to _norm_stage_weights rows, with a weight): each thread also loads its vectors' norm
+// The register-resident strategy (norm_registers): every thread streams its NV vectors of
+// x and of residual into registers (all loads of the row in flight at once), writes
+// s = x + residual and sums its squares, then writes the normalised row from the same
+// registers. Nothing is staged; the row is read from memory once. kPreW (launches of up to
+// _norm_stage_weights rows, with a weight): each thread also loads its vectors' norm
 // weights with the row, so they arrive in the row's one round trip rather than as a
 // dependent load after the reduction (the staged kernel's weight staging, in registers).
-template <typename T, bool kPreW>
+// One instance per NV (1, 2 or kRegVecs: reg_vecs), which sizes the register arrays.
+template <typename T, bool kPreW, int NV>
 __global__ void __launch_bounds__(kRegMaxThreads)
 fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, const T* __restrict__ res,
                                const int64_t res_stride, const void* __restrict__ w, const int w_kind,
@@ -143,10 +144,10 @@ fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, 
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const T* xr = x + row * x_stride;
     const T* rr = res + row * res_stride;
-    Vec<T> a[kRegVecs], b[kRegVecs];
-    WeightRaw wr[kPreW ? kRegVecs : 1];
+    Vec<T> a[NV], b[NV];
+    WeightRaw wr[kPreW ? NV : 1];
 #pragma unroll
-    for (int j = 0; j < kRegVecs; ++j) {
+    for (int j = 0; j < NV; ++j) {
       const int i = (threadIdx.x + j * blockDim.x) * V;
       if (i < width) {
         a[j] = load_vec_stream(xr + i);
@@ -158,13 +159,13 @@ fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, 
     T* out_row = normed + row * static_cast<int64_t>(width);
     float ss = 0.f;
 #pragma unroll
-    for (int j = 0; j < kRegVecs; ++j) {
+    for (int j = 0; j < NV; ++j) {
       const int i = (threadIdx.x + j * blockDim.x) * V;
       if (i < width) store_vec_stream(sum_row + i, sum_vec(a[j], b[j], ss));
     }
     const float scale = row_scale(ss, warp_sums, width, eps);
 #pragma unroll
-    for (int j = 0; j < kRegVecs; ++j) {
+    for (int j = 0; j < NV; ++j) {
       const int i = (threadIdx.x + j * blockDim.x) * V;
       if (i >= width) continue;
       if constexpr (kPreW) {
@@ -200,11 +201,15 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     if (const int rthreads = reg_threads(vec ? width / V : width, 1, vec, rows); rthreads > 0) {
       // (reg_threads takes only 16-byte rows, so the weight, if any, is 16-byte aligned)
       const bool pre_w = wp != nullptr && rows <= set_norm_stage_weights(-1);
-      auto* kernel = pre_w ? fused_add_rms_norm_regs_kernel<scalar_t, true> : fused_add_rms_norm_regs_kernel<scalar_t, false>;
-      kernel<<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(
-          static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
-          r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()), static_cast<scalar_t*>(sum.data_ptr()),
-          rows, static_cast<int>(width), eps);
+      with_reg_vecs(reg_vecs(width / V, rthreads), [&](auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        auto* kernel = pre_w ? fused_add_rms_norm_regs_kernel<scalar_t, true, NV>
+                             : fused_add_rms_norm_regs_kernel<scalar_t, false, NV>;
+        kernel<<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(
+            static_cast<const scalar_t*>(x2.data_ptr()), x2.stride(0), static_cast<const scalar_t*>(r2.data_ptr()),
+            r2.stride(0), wp, w_kind, static_cast<scalar_t*>(normed.data_ptr()),
+            static_cast<scalar_t*>(sum.data_ptr()), rows, static_cast<int>(width), eps);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       set_norm_last_plan({"registers", false, pre_w, rthreads});
       return;

@@ -166,12 +166,12 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
 }
 
 // The register-resident strategy (norm_registers): one block per row, every thread loads
-// its kRegVecs vectors of each of the (at most KMAX) chunks into registers with streaming
-// loads -- all loads of the row in flight at once, as a copy kernel has them -- sums their
-// squares, and writes the scaled vectors from registers. The row is read from memory once,
-// nothing is staged, and the only barrier is the one around the per-warp sums. Every chunk
-// allows 16-byte accesses (reg_threads checks).
-template <typename T, int KMAX>
+// its NV vectors (1, 2 or kRegVecs: reg_vecs) of each of the (at most KMAX) chunks into
+// registers with streaming loads -- all loads of the row in flight at once, as a copy kernel
+// has them -- sums their squares, and writes the scaled vectors from registers. The row is
+// read from memory once, nothing is staged, and the only barrier is the one around the
+// per-warp sums. Every chunk allows 16-byte accesses (reg_threads checks).
+template <typename T, int KMAX, int NV>
 __global__ void __launch_bounds__(reg_max_threads(KMAX))
 rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
                          T* __restrict__ out,  // [T, total] contiguous
@@ -181,14 +181,14 @@ rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_c
   const int nwarps = blockDim.x / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
-    Vec<T> r[KMAX][kRegVecs];
+    Vec<T> r[KMAX][NV];
 #pragma unroll
     for (int k = 0; k < KMAX; ++k) {
       if (k < num_chunks) {
         const ChunkDesc& c = tab.c[k];
         const T* src = static_cast<const T*>(c.x) + row * c.x_stride;
 #pragma unroll
-        for (int j = 0; j < kRegVecs; ++j) {
+        for (int j = 0; j < NV; ++j) {
           const int i = (threadIdx.x + j * blockDim.x) * V;
           if (i < c.width) r[k][j] = load_vec_stream(src + i);
         }
@@ -202,7 +202,7 @@ rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_c
           const int width = tab.c[k].width;
           float ss = 0.f;
 #pragma unroll
-          for (int j = 0; j < kRegVecs; ++j) {
+          for (int j = 0; j < NV; ++j) {
             if ((threadIdx.x + j * blockDim.x) * V < width) {
 #pragma unroll
               for (int e = 0; e < V; ++e) { const float f = to_float(r[k][j].v[e]); ss += f * f; }
@@ -238,7 +238,7 @@ rms_norm_cat_regs_kernel(const __grid_constant__ ChunkTable tab, const int num_c
       if (k < num_chunks) {
         const ChunkDesc& c = tab.c[k];
 #pragma unroll
-        for (int j = 0; j < kRegVecs; ++j) {
+        for (int j = 0; j < NV; ++j) {
           const int i = (threadIdx.x + j * blockDim.x) * V;
           if (i < c.width) store_vec_stream(out_row + c.out_off + i, scale_vec(r[k][j], scale[k], c, i));
         }
@@ -286,17 +286,21 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
     bool all_vec = true;
     for (int k = 0; k < num_chunks; ++k) all_vec = all_vec && tab.c[k].vec;
     if (const int rthreads = reg_threads(max_vecs, num_chunks, all_vec, c.num_rows); rthreads > 0) {
-      // One instance per chunk count: the register arrays are sized by it (K=3, the aux
-      // states, must not pay for a fourth chunk's registers).
+      // One instance per chunk count and vectors per thread: the register arrays are sized
+      // by both (K=3, the aux states, must not pay for a fourth chunk's registers, nor a
+      // block of 2 vectors per thread for 4).
       static_assert(kRegMaxChunks == 4, "one instance per chunk count up to kRegMaxChunks");
-      auto* kernel = num_chunks == 1   ? rms_norm_cat_regs_kernel<scalar_t, 1>
-                     : num_chunks == 2 ? rms_norm_cat_regs_kernel<scalar_t, 2>
-                     : num_chunks == 3 ? rms_norm_cat_regs_kernel<scalar_t, 3>
-                                       : rms_norm_cat_regs_kernel<scalar_t, 4>;
-      kernel<<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(tab, num_chunks,
-                                                                  static_cast<scalar_t*>(out.data_ptr()), c.num_rows,
-                                                                  static_cast<int>(c.total_width), eps,
-                                                                  static_cast<int>(mode));
+      with_reg_vecs(reg_vecs(max_vecs, rthreads), [&](auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        auto* kernel = num_chunks == 1   ? rms_norm_cat_regs_kernel<scalar_t, 1, NV>
+                       : num_chunks == 2 ? rms_norm_cat_regs_kernel<scalar_t, 2, NV>
+                       : num_chunks == 3 ? rms_norm_cat_regs_kernel<scalar_t, 3, NV>
+                                         : rms_norm_cat_regs_kernel<scalar_t, 4, NV>;
+        kernel<<<static_cast<unsigned>(grid), rthreads, 0, stream>>>(tab, num_chunks,
+                                                                    static_cast<scalar_t*>(out.data_ptr()),
+                                                                    c.num_rows, static_cast<int>(c.total_width), eps,
+                                                                    static_cast<int>(mode));
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       set_norm_last_plan({"registers", false, false, rthreads});
       return;
