@@ -1,9 +1,12 @@
 #include "cuda/common.cuh"
+#include "cuda/cluster.cuh"
 
 #include <array>
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <utility>
 
 namespace eagle3::cuda {
@@ -29,6 +32,40 @@ int device_attribute(int device) {
 int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
 int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
+void cluster_launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, unsigned grid, unsigned size,
+                           int threads, size_t smem, cudaStream_t stream) {
+  cfg = cudaLaunchConfig_t{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = size;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+}
+
+int64_t max_active_clusters(const void* kernel, int device, int size, int threads, int smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int, int, int>, int64_t> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(device, kernel, size, threads, smem);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  cluster_launch_config(cfg, attr, static_cast<unsigned>(size), static_cast<unsigned>(size), threads,
+                        static_cast<size_t>(smem), nullptr);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return sm_count(device) / size;
+  }
+  known[key] = clusters;
+  return clusters;
+}
 
 // The norm kernels' strategy defaults: stage rows of up to 100 KB in shared memory, no
 // register-resident kernel. On the H100 (T=16384, bf16; bench/results/

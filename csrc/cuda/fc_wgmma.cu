@@ -36,6 +36,7 @@
 // rms_norm_cat + GEMM does; the result is at least as close to the fp64 reference.
 //
 // Off by default (torch.ops.eagle3._fc_wgmma_min_tokens; the figures at g_wgmma_min_tokens).
+#include "cuda/cluster.cuh"
 #include "cuda/common.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -76,9 +77,6 @@ struct KTiles {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }
@@ -131,40 +129,12 @@ __device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap*
       "h"(mask)
       : "memory");
 }
-// The shared::cluster address of `p`'s offset in the shared memory of CTA `cta` of the
-// cluster (this CTA too).
-__device__ __forceinline__ uint32_t cluster_addr(const void* p, uint32_t cta) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(cta));
-  return remote;
-}
 // One arrival on the barrier at `bar`'s offset in CTA `cta` of the cluster (this CTA too).
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
   const uint32_t remote = cluster_addr(bar, cta);
   // (no .release.cluster: it would fence the whole GPU on every k-tile, and the only thing
   // to order, the wgmma group's shared-memory reads, is complete after wgmma.wait_group)
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-// Four floats at `p`'s offset in the shared memory of CTA `cta` of the cluster.
-__device__ __forceinline__ float4 ld_cluster_f4(const float* p, uint32_t cta) {
-  const uint32_t remote = cluster_addr(p, cta);
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(remote)
-               : "memory");
-  return v;
-}
-// The float at `p`'s offset in the shared memory of CTA `cta` of the cluster.
-__device__ __forceinline__ float ld_cluster_f32(const float* p, uint32_t cta) {
-  const uint32_t remote = cluster_addr(p, cta);
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-}
-// Every thread of every CTA of the cluster.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 // Shared-memory matrix descriptor of a K-major operand laid out by a TMA load with 128-byte
 // swizzle: rows of 128 bytes, 8-row (1024-byte) swizzle atoms, so the stride between 8-row
@@ -651,47 +621,6 @@ bool wgmma_runs_here(const void* kernel, int device) {
   return ok;
 }
 
-// A launch of `grid` blocks of kThreads threads with `smem` bytes each, in clusters of
-// `size` blocks along x; `attr` holds the cluster attribute `cfg` points to.
-void cluster_launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, unsigned grid, unsigned size,
-                           size_t smem, cudaStream_t stream) {
-  cfg = cudaLaunchConfig_t{};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = size;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-}
-
-// How many clusters of `size` blocks of `kernel` (kThreads threads, `smem` bytes each) the
-// device holds at once: clusters stay inside one GPC, so with one block per multiprocessor
-// this can be fewer than the multiprocessors / size. Cached per device, kernel and size; the
-// caller has made `device` current and set the kernel's shared-memory limit. Where the
-// query fails, multiprocessors / size (not cached: the next call asks again).
-int64_t max_active_clusters(const void* kernel, int device, int size, int smem) {
-  static std::mutex mu;
-  static std::map<std::pair<std::pair<int, const void*>, int>, int64_t> known;
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(std::make_pair(device, kernel), size);
-  if (const auto it = known.find(key); it != known.end()) return it->second;
-  cudaLaunchConfig_t cfg;
-  cudaLaunchAttribute attr;
-  cluster_launch_config(cfg, attr, static_cast<unsigned>(size), static_cast<unsigned>(size), static_cast<size_t>(smem),
-                        nullptr);
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return sm_count(device) / size;
-  }
-  known[key] = clusters;
-  return clusters;
-}
-
 template <typename T, int BN, int CM>
 bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out,
                  int64_t split_k) {
@@ -733,7 +662,7 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
     int64_t fit = 1, fit_k = 0;
     for (int64_t s = std::min<int64_t>(kMaxSplitK, sm_count(device) / tiles_mn); s >= 2; --s) {
       if (tiles_mn > max_active_clusters(reinterpret_cast<const void*>(kernel), device, static_cast<int>(s),
-                                         smem_bytes_for(BN)))
+                                         kThreads, smem_bytes_for(BN)))
         continue;
       if (fit == 1) fit = s;
       if (fit_k == 0 && s % num_chunks == 0) fit_k = s;
@@ -757,7 +686,7 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
     cudaLaunchConfig_t cfg;
     cudaLaunchAttribute attr;
     cluster_launch_config(cfg, attr, static_cast<unsigned>(blocks), static_cast<unsigned>(CM * split_k),  // one is 1
-                          smem_bytes_for(BN), stream);
+                          kThreads, smem_bytes_for(BN), stream);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, wmap, xmaps, tiles, scales_ptr, static_cast<T*>(out.data_ptr()),
                                       static_cast<int>(T_), static_cast<int>(N), static_cast<int>(mode),
                                       static_cast<int>(split_k), eps, static_cast<int>(tile_stats)));
