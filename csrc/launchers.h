@@ -64,6 +64,17 @@ int64_t fc_mma_max_waves(int64_t value);
 // Features (weight rows) per block of launch_fc_mma: 16, 32, 64, or 0 to choose by T (the
 // default); sets it and returns the previous value, -1 only queries.
 int64_t fc_mma_features(int64_t value);
+// The tensor-core fc with the k range split over a cluster, for 1 <= T <= fc_splitk_max_tokens
+// (bf16 / fp16, sm_90a build on a compute capability 9.x device; mma.sync over the streamed
+// weight, 128 features per block, the partial sums and the chunk statistics added up through
+// distributed shared memory; one launch); false where it does not apply.
+bool launch_fc_splitk(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
+// Largest T served by launch_fc_splitk (0 disables it, the default; at most 64); sets it and
+// returns the previous value, -1 only queries.
+int64_t fc_splitk_max_tokens(int64_t value);
+// Blocks per cluster of launch_fc_splitk: 2, 4, 8, or 0 to choose by size (the default);
+// sets it and returns the previous value, -1 only queries.
+int64_t fc_splitk_cluster(int64_t value);
 // The Hopper tensor-core fc for fc_wgmma_min_tokens <= T <= fc_wgmma_max_tokens (bf16 / fp16,
 // sm_90a build on a compute capability 9.x device; TMA + wgmma: per-token chunk scales from
 // a pre-pass or from the tiles it streams (fc_wgmma_tile_stats), applied to its
@@ -89,7 +100,8 @@ int64_t fc_wgmma_split_k(int64_t value);
 // tiles -- 2 (the default) only with the k range split (added up over the cluster), 1 split
 // or not -- or 0 the pre-pass; sets it and returns the previous value, -1 only queries.
 int64_t fc_wgmma_tile_stats(int64_t value);
-// The direct fc paths in order: the decode kernel, the mma.sync kernel, the wgmma kernel;
+// The direct fc paths in order: the decode kernel, the split-k mma.sync kernel, the mma.sync
+// kernel, the wgmma kernel;
 // returns the name of the one that served the call, nullptr if none did.
 const char* launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out);
 // Largest shared-memory stage per block of the norm kernels (0: never stage, rows are read

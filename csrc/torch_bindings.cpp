@@ -60,6 +60,18 @@ TORCH_LIBRARY(eagle3, m) {
     return strategy_switch("_fc_mma_features", value, value == 0 || value == 16 || value == 32 || value == 64,
                            ", 0 (by T), 16, 32 or 64", EAGLE3_CUDA_SETTER(fc_mma_features));
   });
+  // Largest T served by the fc's split-k tensor-core kernel (Hopper; 0, the default, disables
+  // it).
+  m.def("_fc_splitk_max_tokens(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_splitk_max_tokens", value, value >= 0 && value <= 64, " or 0..64",
+                           EAGLE3_CUDA_SETTER(fc_splitk_max_tokens));
+  });
+  // Blocks per cluster of that kernel (the split of the k range): 2, 4, 8, or 0 to choose by
+  // size (the default).
+  m.def("_fc_splitk_cluster(int value=-1) -> int", [](int64_t value) {
+    return strategy_switch("_fc_splitk_cluster", value, value == 0 || value == 2 || value == 4 || value == 8,
+                           ", 0 (by size), 2, 4 or 8", EAGLE3_CUDA_SETTER(fc_splitk_cluster));
+  });
   // Smallest T served by the fc's Hopper tensor-core kernel (TMA + wgmma; 0, the default,
   // disables it).
   m.def("_fc_wgmma_min_tokens(int value=-1) -> int", [](int64_t value) {

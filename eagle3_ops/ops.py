@@ -34,8 +34,9 @@ def has_cuda_kernels() -> bool:
 # sets the value and returns the previous one (-1 only queries).
 KERNEL_SWITCHES = ("norm_stage_limit", "norm_registers", "norm_split_chunks", "norm_stage_weights", "norm_carveout",
                    "norm_vecs_per_thread", "fc_decode_max_tokens", "fc_mma_max_tokens", "fc_mma_max_waves",
-                   "fc_mma_features", "fc_wgmma_min_tokens", "fc_wgmma_max_tokens", "fc_wgmma_tile_n",
-                   "fc_wgmma_cluster", "fc_wgmma_split_k", "fc_wgmma_tile_stats", "fc_adjacent_gemm")
+                   "fc_mma_features", "fc_splitk_max_tokens", "fc_splitk_cluster", "fc_wgmma_min_tokens",
+                   "fc_wgmma_max_tokens", "fc_wgmma_tile_n", "fc_wgmma_cluster", "fc_wgmma_split_k",
+                   "fc_wgmma_tile_stats", "fc_adjacent_gemm")
 
 
 @contextlib.contextmanager

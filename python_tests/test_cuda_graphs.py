@@ -199,6 +199,8 @@ def replay_and_check_linear(rng, g, out, bases, xs, W, norm):
 @pytest.mark.parametrize("norm", ["none", "chunk"])
 @pytest.mark.parametrize("T,switch,path,cluster,split_k", [
     pytest.param(24, "fc_mma_max_tokens", "mma", 1, 1, id="mma-T24"),
+    pytest.param(24, "fc_splitk_max_tokens", "mma-sk", 1, 1, id="mma-sk-T24"),
+    pytest.param(64, "fc_splitk_max_tokens", "mma-sk", 1, 1, id="mma-sk-T64"),
     pytest.param(300, "fc_wgmma_min_tokens", "wgmma", 1, 1, id="wgmma-T300"),
     pytest.param(4096, "fc_wgmma_min_tokens", "wgmma", 1, 1, id="wgmma-T4096"),
     pytest.param(300, "fc_wgmma_min_tokens", "wgmma", 2, 1, id="wgmma-T300-c2"),
@@ -207,15 +209,15 @@ def replay_and_check_linear(rng, g, out, bases, xs, W, norm):
     pytest.param(300, "fc_wgmma_min_tokens", "wgmma", 1, 3, id="wgmma-T300-sk3"),
 ])
 def test_graph_rms_norm_cat_linear_tensor_cores(seed, T, switch, path, cluster, split_k, norm):
-    """The tensor-core fc kernels (beyond their defaults: mma at T=24, wgmma) captured and replayed
-    with fresh data: (wgmma) the statistics pre-pass, its workspace and the tensor maps
-    built at capture must serve every replay; the wgmma kernel also in clusters of two
-    (a cluster launch in a graph) and with its k range split over a cluster. The wgmma
-    kernel only on Hopper."""
-    if path == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma kernel needs a compute capability 9.x card")
-    with kernel_switches(**{switch: 64 if path == "mma" else 1}, fc_wgmma_cluster=cluster, fc_wgmma_split_k=split_k,
-                         fc_adjacent_gemm=0):
+    """The tensor-core fc kernels (beyond their defaults: mma at T=24, the split-k mma kernel,
+    wgmma) captured and replayed with fresh data: (wgmma) the statistics pre-pass, its
+    workspace and the tensor maps built at capture must serve every replay; the wgmma
+    kernel also in clusters of two (a cluster launch in a graph) and with its k range split
+    over a cluster. The split-k and wgmma kernels only on Hopper."""
+    if path in ("wgmma", "mma-sk") and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"the {path} kernel needs a compute capability 9.x card")
+    with kernel_switches(**{switch: 64 if path in ("mma", "mma-sk") else 1}, fc_wgmma_cluster=cluster,
+                         fc_wgmma_split_k=split_k, fc_adjacent_gemm=0):
         rng = Rng(seed, DEV)
         xs, bases = make_chunks(rng, "split", T, [1024] * 3, BF)
         W = rng.linear_weight(1000, 3 * 1024, BF)
@@ -247,6 +249,8 @@ if hopper:
         ("wgmma", dict(off, fc_wgmma_min_tokens=1, fc_wgmma_tile_n=256), 300, "wgmma"),
         ("wgmma split by size", dict(off, fc_wgmma_min_tokens=1, fc_wgmma_split_k=0), 64, "wgmma"),
         ("wgmma c2", dict(off, fc_wgmma_min_tokens=1, fc_wgmma_cluster=2), 300, "wgmma"),
+        # (its cluster size by size queries the cluster occupancy)
+        ("mma-sk by size", dict(off, fc_splitk_max_tokens=64), 24, "mma-sk"),
     ]
 bad = 0
 for name, switches, T, path in configs:

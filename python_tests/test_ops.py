@@ -1103,6 +1103,119 @@ def test_fc_mma_switch_validates_its_argument():
         torch.ops.eagle3._fc_mma_max_tokens(65)
 
 
+# ---- the fc's split-k tensor-core kernel (Hopper, T = 1..64, bf16 / fp16) ------------------
+
+
+@pytest.fixture(params=[0, 2, 8], ids=["by-size", "c2", "c8"])
+def splitk_up_to_64(request, device):
+    """Route 1 <= T <= 64 through the fc's split-k tensor-core kernel (off by default) with
+    the given blocks per cluster (0: by size), the decode and mma kernels off (so a call the
+    kernel declines goes to the pair), norm "none" on views of one tensor too
+    (_fc_adjacent_gemm off); restores the previous settings. Yields the cluster switch.
+    CUDA only: on the CPU these calls take the pair, which the tests above cover."""
+    if torch.device(device).type != "cuda":
+        pytest.skip("the split-k kernel is a CUDA kernel; on the CPU the pair serves these calls")
+    with kernel_switches(fc_splitk_max_tokens=64, fc_splitk_cluster=request.param, fc_decode_max_tokens=0,
+                         fc_mma_max_tokens=0, fc_adjacent_gemm=0):
+        assert torch.ops.eagle3._fc_splitk_max_tokens(-1) == 64
+        yield request.param
+
+
+def splitk_takes(device, widths, T, norm, split, dtype=torch.bfloat16) -> bool:
+    """Whether the split-k kernel serves the call here (launch_fc_splitk's rules, with a
+    cluster of `split` blocks, 0 by size): a compute capability 9.x card,
+    bf16 / fp16, chunk widths that are multiples of 32, at most 4 slots of partial products
+    (norm "chunk": the most chunks one of the split k ranges touches) and 100 KB of shared
+    memory per block."""
+    if not wgmma_expected(device) or dtype == torch.float32 or any(h % 32 for h in widths):
+        return False
+    offsets = [sum(widths[:k]) for k in range(len(widths))]
+    num_kb = sum(widths) // 32
+
+    def chunk_of(col):
+        return max(k for k, off in enumerate(offsets) if col >= off)
+
+    def fits(s):
+        slots = 1
+        if norm == "chunk":
+            for r in range(s):
+                b, e = r * num_kb // s, (r + 1) * num_kb // s
+                if e > b:
+                    slots = max(slots, chunk_of((e - 1) * 32) - chunk_of(b * 32) + 1)
+        nt = 1 if T <= 8 else 2 if T <= 16 else 4 if T <= 32 else 8
+        return slots <= 4 and 4 * (slots * 128 * (8 * nt + 4) + 2 * len(widths) * 8 * nt) <= 100 * 1024
+
+    # by size: 8 or 4 blocks where they fit (the test shapes' clusters fit the card), else 2
+    return fits(split) if split else any(fits(s) for s in (8, 4, 2))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("widths", [pytest.param(w, id=k) for k, w in MMA_WIDTHS.items()])
+@pytest.mark.parametrize("T", [1, 9, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rms_norm_cat_linear_splitk(device, seed, splitk_up_to_64, dtype, T, widths, norm):
+    """Every token-tile size of the split-k kernel (T = 1..64: 1, 2, 4, 8 tiles of 8, partial
+    tiles) in clusters of 2, 8 and by size; N = 300: two whole tiles of 128 features and a
+    partial one; k ranges that start and end inside chunks (K2-320-64 over 8 blocks: 1-2
+    k-blocks each), more blocks than k-blocks (K1-64 over 8: empty ranges); widths that are
+    not multiples of 32 go to the pair."""
+    rng = Rng(seed, device)
+    xs, bases = make_chunks(rng, "split" if T % 2 else "contig", T, widths, dtype)
+    w = rng.linear_weight(300, sum(widths), dtype)
+    path = "mma-sk" if splitk_takes(device, widths, T, norm, splitk_up_to_64, dtype) else "pair"
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path=path)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("N", [1, 129])
+def test_rms_norm_cat_linear_splitk_small_n(device, seed, splitk_up_to_64, N, T, norm):
+    """One tile of 128 features, partly used (N = 1) or with a second, nearly empty one (129);
+    fp32 goes to the pair."""
+    rng = Rng(seed, device)
+    for dtype in (torch.bfloat16, torch.float32):
+        xs, bases = make_chunks(rng, "split", T, [256, 64, 128], dtype)
+        w = rng.linear_weight(N, 448, dtype)
+        path = "mma-sk" if splitk_takes(device, [256, 64, 128], T, norm, splitk_up_to_64, dtype) else "pair"
+        check_linear(device, xs, bases, w, EPS, norm, (T,), path=path)
+
+
+@pytest.mark.parametrize("norm", ["chunk", "shared", "none"])
+@pytest.mark.parametrize("T", [2, 24, 64])
+@pytest.mark.parametrize("H", [4096, 7168])
+def test_rms_norm_cat_linear_splitk_real_fc(device, seed, splitk_up_to_64, H, T, norm):
+    """The real fc (K = 3, bf16, N = H) through the split-k kernel."""
+    expected = "mma-sk" if splitk_takes(device, [H] * 3, T, norm, splitk_up_to_64) else "pair"
+    check_real_fc(device, seed, T, H, norm, expected)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("T", [8, 64])
+def test_rms_norm_cat_linear_splitk_many_chunks(device, seed, splitk_up_to_64, T, norm):
+    """24 chunks of 32-64: with norm "chunk" a block keeps one slot of partial products per
+    chunk its k range touches (at most 4, in at most 100 KB), so clusters of 2 (12 chunks
+    per range) decline and the pair serves them, and clusters of 8 (3-4 chunks per range)
+    take T=8 but not T=64 (4 slots of 128 x 68 floats); norm "shared" / "none" (one slot)
+    always take the kernel."""
+    rng = Rng(seed, device)
+    widths = [32] * 23 + [64]
+    xs, bases = make_chunks(rng, "split", T, widths, torch.bfloat16)
+    w = rng.linear_weight(200, sum(widths), torch.bfloat16)
+    path = "mma-sk" if splitk_takes(device, widths, T, norm, splitk_up_to_64) else "pair"
+    check_linear(device, xs, bases, w, EPS, norm, (T,), path=path)
+
+
+def test_fc_splitk_switches(device):
+    """Both switches of the split-k kernel: off by default; on a CPU-only build they report 0."""
+    cuda_build = eagle3_ops.has_cuda_kernels()
+    assert torch.ops.eagle3._fc_splitk_max_tokens(-1) == 0
+    assert torch.ops.eagle3._fc_splitk_cluster(-1) == 0
+    with kernel_switches(fc_splitk_max_tokens=16, fc_splitk_cluster=4):
+        assert torch.ops.eagle3._fc_splitk_max_tokens(-1) == (16 if cuda_build else 0)
+        assert torch.ops.eagle3._fc_splitk_cluster(-1) == (4 if cuda_build else 0)
+    assert torch.ops.eagle3._fc_splitk_max_tokens(-1) == 0
+
+
 # ---- the fc's Hopper tensor-core kernel (TMA + wgmma, prefill sizes, bf16 / fp16) -----------
 
 
@@ -1283,6 +1396,8 @@ SWITCH_ERRORS = {
     "fc_mma_max_tokens": (65, "_fc_mma_max_tokens: value must be -1 (query) or 0..64, got 65"),
     "fc_mma_max_waves": (-2, "_fc_mma_max_waves: value must be -1 (query) or a wave count >= 0, got -2"),
     "fc_mma_features": (48, "_fc_mma_features: value must be -1 (query), 0 (by T), 16, 32 or 64, got 48"),
+    "fc_splitk_max_tokens": (65, "_fc_splitk_max_tokens: value must be -1 (query) or 0..64, got 65"),
+    "fc_splitk_cluster": (3, "_fc_splitk_cluster: value must be -1 (query), 0 (by size), 2, 4 or 8, got 3"),
     "fc_wgmma_min_tokens": (-2, "_fc_wgmma_min_tokens: value must be -1 (query) or a token count >= 0, got -2"),
     "fc_wgmma_max_tokens": (-2, "_fc_wgmma_max_tokens: value must be -1 (query) or a token count >= 0 "
                                 "(0: no limit), got -2"),

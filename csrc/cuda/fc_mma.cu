@@ -28,12 +28,17 @@
 // logical -> physical as 8 * tig + 4 * step + {0, 1} and 8 * tig + 4 * step + {2, 3} is a
 // bijection of the k-block applied identically to A and B, so the dot products are those of
 // the unpermuted matrices, and every global load stays 16 bytes wide.
+#include "cuda/cluster.cuh"
 #include "cuda/common.cuh"
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 namespace eagle3::cuda {
 namespace {
@@ -242,6 +247,208 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   }
 }
 
+// ---- fc_splitk_kernel: the k range split over a cluster (T <= 64) ------------------------
+//
+// fc_mma_kernel's x traffic grows with the blocks: every block reads all of x from L2 for
+// its 16-32 features, so at T = 16..64 (x 0.4-1.5 MB at K=3, H=4096) the 128-256 blocks
+// read 100-200 MB of x beside the 100 MB weight, and it lost to the pair there. Here a block
+// owns kSkFeatures = 128 features (each of its kSkWarps warps 16 of them, one m-tile) and
+// 1/S of the k range; the S blocks of a cluster share the feature tile, so x is read
+// N / 128 times in all (12.6 MB at T=16, 50 MB at T=64), and the grid still has
+// N / 128 x S blocks. The warps of a block read the same x fragments (L1 hits after the
+// first) and disjoint weight rows, U k-blocks of loads in flight per warp.
+//
+// Statistics: warp w sums the squares of the x it loaded in the k-blocks kb with
+// kb % kSkWarps == w, so every element of the block's x range counts once. When a warp's
+// next k-block enters another chunk it adds its partial products into the chunk's slot in
+// shared memory (slots: the chunks the block's k range touches, for norm "chunk"; else one)
+// and its sums of squares into ss_s[chunk][token]. After the first cluster barrier every
+// block adds up the S blocks' sums of squares (distributed shared memory), forms the
+// scales, and folds its slots into one: sum_k r_k P_k over its k range. After the second,
+// block r adds up the S blocks' folded partials for rows [r 128 / S, (r + 1) 128 / S) of
+// the tile and writes them; a third barrier keeps every block's shared memory alive until
+// the others have read it. One launch, no workspace, no pre-pass.
+constexpr int kSkWarps = 8;
+constexpr int kSkFeatures = 16 * kSkWarps;
+constexpr int kSkMaxSlots = 4;
+// Row stride (floats) of the partial products [slot][kSkFeatures][8 NT + 4] in shared
+// memory.
+constexpr int sk_ld(int nt) { return 8 * nt + 4; }
+// Shared memory of fc_splitk_kernel, in floats: the slots, then ss_s and scale_s
+// [num_chunks][8 NT] each.
+inline int64_t sk_smem_floats(int nt, int slots, int num_chunks) {
+  return static_cast<int64_t>(slots) * kSkFeatures * sk_ld(nt) + 2 * static_cast<int64_t>(num_chunks) * 8 * nt;
+}
+
+template <typename T, int NT, int U>
+__global__ void __launch_bounds__(kSkWarps * 32, 2)  // two blocks per SM: at most 128 registers
+fc_splitk_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
+                 const T* __restrict__ weight,  // [N, total], rows contiguous
+                 const int64_t n_out, const int total,
+                 T* __restrict__ out,           // [T, N] contiguous
+                 const int num_tokens, const float eps, const int mode, const int split, const int slots) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(sizeof(T) == 2, "bf16 / fp16 only");
+  constexpr int TOKS = 8 * NT, LD = sk_ld(NT);
+  extern __shared__ __align__(16) float smem_f[];
+  // (a static array, so that the host can tell this body from the stub of other builds:
+  // launch_fc_splitk reads cudaFuncAttributes::sharedSizeBytes)
+  __shared__ int first_chunk;
+  const bool per_chunk = mode == static_cast<int>(NormMode::kChunk);
+  const bool stats = mode != static_cast<int>(NormMode::kNone);
+  float* acc_s = smem_f;                                  // [slots][kSkFeatures][LD]
+  float* ss_s = smem_f + slots * kSkFeatures * LD;        // [num_chunks][TOKS]
+  float* scale_s = ss_s + num_chunks * TOKS;              // [num_chunks][TOKS]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, tig = lane % 4;
+  const int rank = static_cast<int>(blockIdx.x % static_cast<unsigned>(split));
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(split)) * kSkFeatures;
+  const int num_kb = total / kKBlock;
+  const int kb_begin = static_cast<int>(static_cast<int64_t>(rank) * num_kb / split);
+  const int kb_end = static_cast<int>(static_cast<int64_t>(rank + 1) * num_kb / split);
+  int c_first = 0;  // the chunk of the block's first k-block
+  while (c_first + 1 < num_chunks && kb_begin * kKBlock >= tab.c[c_first + 1].out_off) ++c_first;
+
+  for (int i = threadIdx.x; i < slots * kSkFeatures * LD + num_chunks * TOKS; i += blockDim.x) smem_f[i] = 0.f;
+  if (threadIdx.x == 0) first_chunk = c_first;
+  __syncthreads();
+
+  // This warp's two weight rows (clamped: rows past N are computed and never written).
+  const T* wrow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) wrow[h] = weight + std::min<int64_t>(n0 + 16 * warp + g + 8 * h, n_out - 1) * total;
+
+  float acc[NT][4];
+  float ss[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    ss[j] = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
+  }
+  // The warp's partial products of chunk c into its slot (the warp's own rows: no other warp
+  // writes them) and its sums of squares into ss_s, its registers back to zero.
+  auto flush = [&](const int c) {
+    float* a = acc_s + (per_chunk ? c - c_first : 0) * kSkFeatures * LD;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int row = 16 * warp + g + 8 * (q / 2), tok = 8 * j + 2 * tig + (q % 2);
+        a[row * LD + tok] += acc[j][q];
+        acc[j][q] = 0.f;
+      }
+    if (stats) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        float v = ss[j];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (tig == 0) atomicAdd(ss_s + c * TOKS + 8 * j + g, v);
+        ss[j] = 0.f;
+      }
+    }
+  };
+
+  int ck = c_first;   // chunk of the k-block being loaded
+  int cur = c_first;  // chunk the registers accumulate
+  for (int kb0 = kb_begin; kb0 < kb_end; kb0 += U) {
+    // The weight's U k-blocks first (the stream, all in flight), then per k-block the
+    // tokens' x (L1 / L2 hits: every warp of the block reads the same) and its mma steps.
+    uint4 wv[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kb = kb0 + u;
+      if (kb < kb_end) {
+        const int kcol = kb * kKBlock + 8 * tig;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wv[u][h] = bit_cast_u4(load_weight_stream(wrow[h] + kcol));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kb = kb0 + u;
+      if (kb >= kb_end) break;
+      const int k0 = kb * kKBlock;
+      while (ck + 1 < num_chunks && k0 >= tab.c[ck + 1].out_off) ++ck;
+      if (ck != cur) {
+        flush(cur);
+        cur = ck;
+      }
+      const ChunkDesc& c = tab.c[ck];
+      const T* xk = static_cast<const T*>(c.x) + (k0 - c.out_off) + 8 * tig;
+      uint4 xv[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int t = 8 * j + g;
+        xv[j] = t < num_tokens ? __ldg(reinterpret_cast<const uint4*>(xk + static_cast<int64_t>(t) * c.x_stride))
+                               : make_uint4(0u, 0u, 0u, 0u);
+      }
+      if (stats && kb % kSkWarps == warp) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) ss[j] += sum_squares8<T>(xv[j]);
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&wv[u][0]);
+        const uint32_t* w8 = reinterpret_cast<const uint32_t*>(&wv[u][1]);
+        const uint32_t a[4] = {w0[2 * s], w8[2 * s], w0[2 * s + 1], w8[2 * s + 1]};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t* b = reinterpret_cast<const uint32_t*>(&xv[j]);
+          MmaType<T>::mma(acc[j], a, b[2 * s], b[2 * s + 1]);
+        }
+      }
+    }
+  }
+  flush(cur);
+  __syncthreads();
+  cluster_sync();  // 1: every block's slots and sums of squares are complete
+  if (stats) {
+    // The cluster's sums of squares per (chunk, token), then the scales in their place.
+    for (int i = threadIdx.x; i < num_chunks * TOKS; i += blockDim.x) {
+      float v = 0.f;
+      for (int p = 0; p < split; ++p) v += ld_cluster_f32(ss_s + i, static_cast<uint32_t>(p));
+      scale_s[i] = v;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < TOKS; t += blockDim.x) {
+      if (per_chunk) {
+        for (int c = 0; c < num_chunks; ++c)
+          scale_s[c * TOKS + t] = rsqrtf(scale_s[c * TOKS + t] / static_cast<float>(tab.c[c].width) + eps);
+      } else {
+        float all = 0.f;
+        for (int c = 0; c < num_chunks; ++c) all += scale_s[c * TOKS + t];
+        scale_s[t] = rsqrtf(all / static_cast<float>(total) + eps);
+      }
+    }
+    __syncthreads();
+  }
+  // The block's slots folded into slot 0 with their scales (each element by one thread).
+  const int used = per_chunk ? min(slots, num_chunks - first_chunk) : 1;
+  for (int i = threadIdx.x; i < kSkFeatures * TOKS; i += blockDim.x) {
+    const int row = i / TOKS, tok = i % TOKS;
+    float v = 0.f;
+    for (int sl = 0; sl < used; ++sl)
+      v += acc_s[(sl * kSkFeatures + row) * LD + tok] * (stats ? scale_s[(per_chunk ? first_chunk + sl : 0) * TOKS + tok] : 1.f);
+    acc_s[row * LD + tok] = v;
+  }
+  cluster_sync();  // 2: every block's folded partials are complete
+  const int r0 = rank * kSkFeatures / split, r1 = (rank + 1) * kSkFeatures / split, rows = r1 - r0;
+  for (int i = threadIdx.x; i < rows * num_tokens; i += blockDim.x) {
+    const int tok = i / rows, row = r0 + i % rows;  // consecutive threads: consecutive features
+    if (n0 + row < n_out) {
+      float v = 0.f;
+      for (int p = 0; p < split; ++p) v += ld_cluster_f32(acc_s + row * LD + tok, static_cast<uint32_t>(p));
+      out[static_cast<int64_t>(tok) * n_out + n0 + row] = from_float<T>(v);
+    }
+  }
+  cluster_sync();  // 3: no block leaves while another reads its shared memory
+#else
+  __trap();  // a build without sm_90a; launch_fc_splitk does not launch it
+#endif
+}
+
 // Largest T served by the tensor-core kernel (0: off; the op's setter takes 0..64): 8. On
 // the H100 (graph replay, K=3, bf16, norm "chunk"; bench/results/
 // nvidia-h100-80gb-hbm3-ed5c01eeed8c-tune.json) this one-launch version beat rms_norm_cat +
@@ -326,6 +533,110 @@ bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormM
   }
 }
 
+// Largest T served by fc_splitk_kernel (0: off, the default, until a GPU run has measured it
+// against the pair and the mma kernel; the op's setter takes 0..64).
+std::atomic<int64_t> g_splitk_max_tokens{0};
+// Blocks per cluster (the split of the k range): 2, 4 or 8, or 0 by size: the largest whose
+// clusters the device holds at once (one wave), else 2.
+std::atomic<int64_t> g_splitk_cluster{0};
+// Shared memory of one block at most, so that two blocks share a multiprocessor: K=3 with
+// norm "chunk" at T = 33..64 takes 70 KB (two slots). Past it the call goes to the next path.
+constexpr int64_t kSkMaxSmem = 100 * 1024;
+
+// Whether `kernel` holds fc_splitk_kernel's body on `device` (a compute capability 9.x
+// device running the build's sm_90a code; other builds hold the trapping stub, which has no
+// static shared memory). Cached per device and kernel; the caller has made `device` current.
+bool splitk_runs_here(const void* kernel, int device) {
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, bool> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find({device, kernel});
+  if (it != known.end()) return it->second;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  bool ok = false;
+  if (major == 9) {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess)
+      ok = attr.sharedSizeBytes > 0;
+    else
+      (void)cudaGetLastError();
+  }
+  known[{device, kernel}] = ok;
+  return ok;
+}
+
+// The slots of partial products a block needs: the most chunks one of the `split` k ranges
+// of fc_splitk_kernel touches (num_kb k-blocks of kKBlock, chunk k starting at offsets[k]).
+int splitk_slots(const ChunkRows& c, int num_kb, int split) {
+  const int num_chunks = static_cast<int>(c.rows.size());
+  auto chunk_of = [&](int64_t col) {
+    int k = 0;
+    while (k + 1 < num_chunks && col >= c.offsets[k + 1]) ++k;
+    return k;
+  };
+  int most = 1;
+  for (int r = 0; r < split; ++r) {
+    const int64_t b = static_cast<int64_t>(r) * num_kb / split, e = static_cast<int64_t>(r + 1) * num_kb / split;
+    if (e > b) most = std::max(most, chunk_of((e - 1) * kKBlock) - chunk_of(b * kKBlock) + 1);
+  }
+  return most;
+}
+
+template <typename T, int NT, int U>
+bool launch_splitk(const ChunkRows& c, const ChunkTable& tab, const at::Tensor& weight, float eps, NormMode mode,
+                   at::Tensor& out) {
+  const auto kernel = fc_splitk_kernel<T, NT, U>;
+  const void* kp = reinterpret_cast<const void*>(kernel);
+  const int device = weight.get_device();
+  if (!splitk_runs_here(kp, device)) return false;
+  const int num_chunks = static_cast<int>(c.rows.size());
+  const int num_kb = static_cast<int>(c.total_width / kKBlock);
+  const int64_t N = weight.size(0), tiles = (N + kSkFeatures - 1) / kSkFeatures;
+  auto slots_for = [&](int split) { return mode == NormMode::kChunk ? splitk_slots(c, num_kb, split) : 1; };
+  auto smem_for = [&](int split) {
+    return sk_smem_floats(NT, slots_for(split), num_chunks) * static_cast<int64_t>(sizeof(float));
+  };
+  configure_staging_kernel(kp, device);  // the opt-in shared-memory limit (more than 48 KB at T > 32)
+  int split = static_cast<int>(g_splitk_cluster.load(std::memory_order_relaxed));
+  if (split == 0) {
+    split = 2;
+    for (const int s : {8, 4}) {
+      const int64_t smem = smem_for(s);
+      if (slots_for(s) <= kSkMaxSlots && smem <= kSkMaxSmem &&
+          tiles <= max_active_clusters(kp, device, s, kSkWarps * 32, static_cast<int>(smem))) {
+        split = s;
+        break;
+      }
+    }
+  }
+  const int slots = slots_for(split);
+  const int64_t smem = smem_for(split);
+  if (slots > kSkMaxSlots || smem > kSkMaxSmem || tiles * split > INT32_MAX) return false;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  cluster_launch_config(cfg, attr, static_cast<unsigned>(tiles * split), static_cast<unsigned>(split), kSkWarps * 32,
+                        static_cast<size_t>(smem), stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, tab, num_chunks, static_cast<const T*>(weight.data_ptr()), N,
+                                    static_cast<int>(c.total_width), static_cast<T*>(out.data_ptr()),
+                                    static_cast<int>(c.num_rows), eps, static_cast<int>(mode), split, slots));
+  return true;
+}
+
+// NT by T, and U (the weight's k-blocks in flight per warp: U KB) as many as the 128
+// registers of two blocks per SM allow. sm_90a build, registers: (NT, U) = (1, 8) 100,
+// (2, 8) 123, (4, 4) 110, (8, 3) 124-128; (8, 4) spilled.
+template <typename T>
+bool launch_splitk_typed(const ChunkRows& c, const ChunkTable& tab, const at::Tensor& weight, float eps,
+                         NormMode mode, at::Tensor& out) {
+  const int64_t rows = c.num_rows;
+  if (rows <= 8) return launch_splitk<T, 1, 8>(c, tab, weight, eps, mode, out);
+  if (rows <= 16) return launch_splitk<T, 2, 8>(c, tab, weight, eps, mode, out);
+  if (rows <= 32) return launch_splitk<T, 4, 4>(c, tab, weight, eps, mode, out);
+  return launch_splitk<T, 8, 3>(c, tab, weight, eps, mode, out);
+}
+
 }  // namespace
 
 bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
@@ -339,6 +650,31 @@ bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, Norm
   if (dt == at::kHalf) return launch_typed<__half>(c, weight, eps, mode, out);
   return false;  // fp32: rms_norm_cat + GEMM
 }
+
+bool launch_fc_splitk(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  const int64_t T = c.num_rows, N = weight.size(0);
+  if (T < 1 || N < 1 || T > std::min(g_splitk_max_tokens.load(std::memory_order_relaxed), kMmaMaxTokens)) return false;
+  if (c.rows.size() > static_cast<size_t>(kMaxChunks) || N > INT32_MAX) return false;
+  if (weight.stride(1) != 1 || weight.stride(0) != c.total_width || !aligned16(weight.data_ptr())) return false;
+  if (!aligned16(out.data_ptr())) return false;
+  const at::ScalarType dt = c.rows[0].scalar_type();
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;  // fp32: the other paths
+  const int num_chunks = static_cast<int>(c.rows.size());
+  ChunkTable tab{};
+  for (int k = 0; k < num_chunks; ++k) {
+    const at::Tensor& x = c.rows[k];
+    if (!aligned16(x.data_ptr()) || x.stride(0) % 8 != 0 || c.widths[k] % kKBlock != 0) return false;
+    tab.c[k] = ChunkDesc{x.data_ptr(), nullptr, x.stride(0), static_cast<int32_t>(c.widths[k]),
+                         static_cast<int32_t>(c.offsets[k]), 0, 1, kNoWeight};
+  }
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (dt == at::kBFloat16) return launch_splitk_typed<__nv_bfloat16>(c, tab, weight, eps, mode, out);
+  return launch_splitk_typed<__half>(c, tab, weight, eps, mode, out);
+}
+
+int64_t fc_splitk_max_tokens(int64_t value) { return query_or_set(g_splitk_max_tokens, value); }
+
+int64_t fc_splitk_cluster(int64_t value) { return query_or_set(g_splitk_cluster, value); }
 
 int64_t fc_mma_max_tokens(int64_t value) { return query_or_set(g_mma_max_tokens, value); }
 

@@ -8,6 +8,9 @@
 //    squares; at the chunk's end it applies r_k = rsqrt(mean(x_k^2) + eps) to the fp32
 //    partial (the identity of DESIGN.md section 2, item 3). The normalised concatenation
 //    never exists in memory.
+//  * T <= fc_splitk_max_tokens (off by default, not yet measured) on Hopper: the split-k
+//    tensor-core kernel of fc_mma.cu (one launch: 128 features per block, the k range split
+//    over a cluster, partial sums and statistics added up through distributed shared memory).
 //  * T <= fc_mma_max_tokens (default 8) when its blocks fit one wave (fc_mma_max_waves): the
 //    tensor-core kernel of fc_mma.cu (one launch: mma.sync over the streamed weight, the
 //    chunk statistics taken beside it and applied to the partial products).
@@ -156,6 +159,7 @@ bool launch_fc_decode(const ChunkRows& c, const at::Tensor& weight, float eps, N
 
 const char* launch_fc_direct(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
   if (launch_fc_decode(c, weight, eps, mode, out)) return "decode";
+  if (launch_fc_splitk(c, weight, eps, mode, out)) return "mma-sk";
   if (launch_fc_mma(c, weight, eps, mode, out)) return "mma";
   if (launch_fc_wgmma(c, weight, eps, mode, out)) return "wgmma";
   return nullptr;
