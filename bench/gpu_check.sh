@@ -75,14 +75,17 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 # unusable) cannot take the other tests' results with it. When they fail,
 # bench/diagnose_wgmma.py shows where the wgmma kernel goes wrong (operand k orders,
 # token / feature order, scales) for the next session to read off the log.
-step tests-tc timeout 90 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "(wgmma or tensor_cores) and not c2" \
+step tests-tc timeout 90 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "(wgmma or tensor_cores) and not c2 and not mma-sk" \
   || { export EAGLE3_TUNE_NO_SPLIT_K=1; step diagnose timeout 40 $PY bench/diagnose_wgmma.py; }
+# the split-k mma.sync fc kernel (clusters) in its own step; if it fails, the tune leaves it out
+step tests-sk timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "splitk or mma-sk" \
+  || export EAGLE3_TUNE_NO_MMA_SK=1
 # the wgmma kernel in clusters of two (TMA multicast) in its own step;
 # if it fails, the tune leaves its variants out (a trap would end the tune's process)
 step tests-c2 timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "c2" \
   || export EAGLE3_TUNE_NO_CLUSTER=1
 step tune timeout ${GPU_CHECK_TUNE_S:-150} $PY -m bench.tune --out "$OUT/tune.json" ${GPU_CHECK_TUNE_ARGS:-}
-step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "not wgmma and not tensor_cores" --junitxml="$OUT/tests.xml"
+step tests timeout 150 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "not wgmma and not tensor_cores and not splitk" --junitxml="$OUT/tests.xml"
 # Nsight Compute on the cases the benchmark leaves unexplained (bench/profile_cases.py);
 # about a minute, so only with GPU_CHECK_PROFILE=1
 [ -n "${GPU_CHECK_PROFILE:-}" ] && command -v ncu >/dev/null && step profile timeout 120 ncu --profile-from-start off --nvtx --clock-control none \

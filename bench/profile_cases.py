@@ -23,7 +23,8 @@ them apart.
   smaller carveout (``_norm_carveout``), profiled beside the largest ("c100").
 * The fc's mma.sync kernel at T=8 beside the pair and F.linear alone (0.93x of F.linear on
   the H200), and at T=64 (x re-read per block) with 16 and 32 features per block (64 at T=32).
-* On Hopper, the wgmma kernel beside F.linear at T=16384, H=4096.
+* On Hopper, the wgmma kernel beside F.linear at T=16384, H=4096, and the split-k mma.sync
+  kernel at T = 8, 16, 64 (H=4096).
 * The fc at T=16384, H=7168, norm "chunk": the op (rms_norm_cat + the cuBLAS GEMM) and
   F.linear alone on the normalised input.
 """
@@ -129,6 +130,17 @@ def cases():
         out.append((f"rms_norm_cat_linear chunk T=64 H=4096 mma f{f}", lambda f=f: mma(xs64, f)))
     xs32 = list(torch.randn(32, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
     out.append(("rms_norm_cat_linear chunk T=32 H=4096 mma f64", lambda: mma(xs32, 64)))
+    # The split-k mma kernel (Hopper; off by default) at T = 8 / 16 / 64: DRAM throughput of
+    # its weight stream, L2 traffic of x, and the cost of the cluster's reduction.
+    if torch.cuda.get_device_capability()[0] == 9:
+        xs16 = list(torch.randn(16, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
+
+        def splitk(xs):
+            with kernel_switches(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_splitk_max_tokens=64):
+                return eagle3_ops.rms_norm_cat_linear(xs, w8, EPS, "chunk")
+
+        for T, xs in ((8, xs8), (16, xs16), (64, xs64)):
+            out.append((f"rms_norm_cat_linear chunk T={T} H=4096 mma-sk", lambda xs=xs: splitk(xs)))
     return out
 
 

@@ -72,7 +72,8 @@ def run(one: bool) -> int:
     # row; blocks of 1, 2 and 4 vectors per thread), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5 here; 32 and 64
     # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only
     # ones it takes), also with its k range split over clusters of three and in clusters of
-    # two, rms_norm_cat with one block per (row, chunk), the staged norms launched with a
+    # two, the fc's split-k mma.sync kernel (by size and in clusters of 8), rms_norm_cat with
+    # one block per (row, chunk), the staged norms launched with a
     # shared-memory carveout, and the norm weights staged with the rows (blocks of one and
     # two vectors per thread). The wgmma kernel takes the norm statistics from its tiles
     # where they apply (its default): norm "shared" and one-chunk "chunk" in every pass, and
@@ -96,6 +97,9 @@ def run(one: bool) -> int:
         (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_split_k=3,
               fc_wgmma_tile_stats=0), (True,)),
         (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_wgmma_min_tokens=1, fc_wgmma_split_k=3), (True,)),
+        # the split-k mma.sync kernel (clusters of 8: more blocks than k-blocks at 64 x 3)
+        (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_splitk_max_tokens=64), (True,)),
+        (dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_splitk_max_tokens=64, fc_splitk_cluster=8), (True,)),
     )
     for switches, layouts in passes:
         with kernel_switches(**switches):

@@ -1,6 +1,6 @@
 """Quick GPU comparison of the kernels' alternative strategies, in one process (~1-2 min).
 
-    python -m bench.tune [--out FILE.json] [--parts norm,carveout,registers,fc,prefill,wgmma]
+    python -m bench.tune [--out FILE.json] [--parts norm,carveout,registers,fc,splitk,prefill,wgmma]
 
 For the norm kernels (T = 1..16384, ``--parts norm``): the defaults beside one block per row
 ("row", ``_norm_split_chunks(0)``; for rms_norm_cat "split": one block per (row, chunk),
@@ -17,7 +17,10 @@ grid with 16, 32 or 64 features per block ("mma f16" ...: ``_fc_mma_max_tokens``
 ``_fc_mma_max_waves(0)``, ``_fc_mma_features``), on Hopper from T=8 the wgmma kernel with
 its k range split over clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``,
 the norm statistics added up over the cluster; "wgmma-128 sk pre": from a pre-pass,
-``_fc_wgmma_tile_stats(0)``), and rms_norm_cat + cuBLAS. On Hopper, ``--parts prefill``: the
+``_fc_wgmma_tile_stats(0)``), and rms_norm_cat + cuBLAS. On Hopper, ``--parts splitk``: the
+split-k mma.sync kernel (T = 1..64, H = 4096 / 7168; clusters by size and of 2, 4, 8
+blocks: ``_fc_splitk_max_tokens``, ``_fc_splitk_cluster``) against the defaults and the
+pair; ``--parts prefill``: the
 wgmma kernel's norm statistics at T = 2048 / 16384, H = 4096 / 7168, norm "shared" (from the
 pre-pass, in multicast pairs too, or from each block's tiles) and "chunk" (the pre-pass, or
 one block per chunk of a cluster of three, "sk3"); ``--parts wgmma``: the wgmma kernel (128
@@ -47,7 +50,7 @@ from bench import cases as C
 from bench import timing
 
 OPS = torch.ops.eagle3
-PARTS = ("norm", "carveout", "registers", "fc", "prefill", "wgmma")  # --parts
+PARTS = ("norm", "carveout", "registers", "fc", "splitk", "prefill", "wgmma")  # --parts
 
 
 def _time_variants(case: C.Case, variants, budget: timing.Budget, cache_bytes: int) -> tuple:
@@ -113,7 +116,8 @@ def main() -> None:
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--parts", default=",".join(PARTS),
                    help="comma-separated: norm (the norm kernels), carveout (their shared-memory carveout at "
-                        "large T), registers (their register kernels at large T), fc (T <= 64), prefill (the wgmma kernel's "
+                        "large T), registers (their register kernels at large T), fc (T <= 64), splitk (the "
+                        "split-k mma kernel, T <= 64), prefill (the wgmma kernel's "
                         "norm statistics at T = 2048 / 16384), wgmma (the Hopper grid, the longest)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
@@ -227,6 +231,17 @@ def _sweep(measure, parts) -> None:
                                    fc_wgmma_tile_n=bn, fc_wgmma_split_k=0, fc_wgmma_tile_stats=0 if pre else 1))
                              for bn, pre in ((128, False), (256, False), (128, True))]
             measure(case, variants + [("norm_cat+cuBLAS", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0))])
+    # The split-k mma.sync kernel (off by default, _fc_splitk_max_tokens): clusters by size,
+    # of 2, 4 and 8 blocks, against the defaults and the pair (unless gpu_check.sh's tests
+    # of the kernel failed: a trap would end this process).
+    splitk = hopper and not os.environ.get("EAGLE3_TUNE_NO_MMA_SK")
+    for H in (4096, 7168) if "splitk" in parts and splitk else ():
+        for T in (1, 2, 8, 16, 32, 64):
+            case = C.make_case(C.FC_OP, T, H, torch.bfloat16, "cuda", norm="chunk")
+            sk = dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_splitk_max_tokens=64)
+            measure(case, [("default", {})] +
+                    [(f"mma-sk {f'c{c}' if c else 'by size'}", dict(sk, fc_splitk_cluster=c)) for c in (0, 2, 4, 8)] +
+                    [("norm_cat+cuBLAS", dict(fc_decode_max_tokens=0, fc_mma_max_tokens=0))])
     # The wgmma kernel's norm statistics at prefill sizes: the default (unsplit: the
     # pre-pass, "wgmma-256", "c2") against norm "shared" from the blocks' own tiles
     # ("tiles", _fc_wgmma_tile_stats(1)); norm "chunk" from a cluster of K = 3 blocks per
