@@ -1194,9 +1194,9 @@ def test_rms_norm_cat_linear_splitk_real_fc(device, seed, splitk_up_to_64, H, T,
 def test_rms_norm_cat_linear_splitk_many_chunks(device, seed, splitk_up_to_64, T, norm):
     """24 chunks of 32-64: with norm "chunk" a block keeps one slot of partial products per
     chunk its k range touches (at most 4, in at most 100 KB), so clusters of 2 (12 chunks
-    per range) decline and the pair serves them, and clusters of 8 (3-4 chunks per range)
-    take T=8 but not T=64 (4 slots of 128 x 68 floats); norm "shared" / "none" (one slot)
-    always take the kernel."""
+    per range) decline and the pair serves them, and clusters of 8 (up to 3 chunks per
+    range) take T=8 but not T=64 (3 slots of 128 x 68 floats: 104 KB); norm "shared" /
+    "none" (one slot) always take the kernel."""
     rng = Rng(seed, device)
     widths = [32] * 23 + [64]
     xs, bases = make_chunks(rng, "split", T, widths, torch.bfloat16)

@@ -43,6 +43,11 @@ __device__ __forceinline__ void cluster_sync() {
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// Whether `kernel` runs its sm_90a body on `device`: a compute capability 9.x device, and
+// has_body(its attributes) -- each kernel tells its body from the trapping stub that builds
+// without sm_90a hold. Cached per device and kernel; the caller has made `device` current.
+bool sm90a_body_runs(const void* kernel, int device, bool (*has_body)(const cudaFuncAttributes&));
+
 // A launch of `grid` blocks of `threads` threads with `smem` bytes each, in clusters of
 // `size` blocks along x (a 1-D grid: blockIdx.x % size is the block's rank in its cluster);
 // `attr` holds the cluster attribute `cfg` points to.

@@ -33,6 +33,24 @@ int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMem
 
 int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
+bool sm90a_body_runs(const void* kernel, int device, bool (*has_body)(const cudaFuncAttributes&)) {
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, bool> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find({device, kernel});
+  if (it != known.end()) return it->second;
+  bool ok = false;
+  if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) == 9) {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess)
+      ok = has_body(attr);
+    else
+      (void)cudaGetLastError();
+  }
+  known[{device, kernel}] = ok;
+  return ok;
+}
+
 void cluster_launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, unsigned grid, unsigned size,
                            int threads, size_t smem, cudaStream_t stream) {
   cfg = cudaLaunchConfig_t{};
@@ -188,15 +206,21 @@ int64_t set_norm_carveout(int64_t value) { return query_or_set(g_norm_carveout, 
 
 void configure_staging_kernel(const void* kernel, int device) {
   // Once per device and kernel, under a lock (another host thread may launch the same
-  // kernel): the largest dynamic shared memory a launch may ask for (the opt-in maximum,
-  // so no launch lowers it under another's feet) and the largest shared-memory carveout.
+  // kernel): the largest dynamic shared memory a launch may ask for (the opt-in maximum
+  // less the kernel's static shared memory -- the runtime refuses a sum above it -- so no
+  // launch lowers it under another's feet) and the largest shared-memory carveout. The
+  // kernel counts as configured only once both succeeded.
   static std::mutex mu;
   static std::set<std::pair<int, const void*>> done;
   const std::lock_guard<std::mutex> lock(mu);
-  if (!done.insert({device, kernel}).second) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin(device)));
+  if (done.count({device, kernel})) return;
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      max_smem_optin(device) - static_cast<int>(attr.sharedSizeBytes)));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                       cudaSharedmemCarveoutMaxShared));
+  done.insert({device, kernel});
 }
 
 }  // namespace eagle3::cuda

@@ -1,7 +1,9 @@
 // rms_norm_cat_linear on CUDA with tensor cores, for the decode range (T <= 64; T = 1 only
 // where the decode kernel declines it): the weight streams once through mma.sync m16n8k16
 // (bf16 / fp16 in, fp32 accumulate); the normalised concatenation never exists, and the
-// statistics are taken in the same launch.
+// statistics are taken in the same launch. Two kernels: fc_mma_kernel (below; one block per
+// 16-32 features) and, on Hopper, fc_splitk_kernel (further down; 128 features per block,
+// the k range split over a cluster; off by default).
 //
 // One launch, fc_mma_kernel. A block of kWarps warps owns 16 x MT output features (rows of
 // the folded weight) and every token. The weight is the mma's A operand, the tokens' raw x
@@ -35,8 +37,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <map>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -77,6 +77,23 @@ __device__ __forceinline__ float sum_squares8(const uint4 raw) {
 #pragma unroll
   for (int e = 0; e < 8; ++e) { const float f = to_float(x.v[e]); s += f * f; }
   return s;
+}
+
+// The scales in place of the sums of squares s[chunk * toks + t] of tokens t < n: per
+// (chunk, token) for norm "chunk" (DESIGN.md section 2, item 3: rsqrt(mean(x_k^2) + eps));
+// for "shared" the row's one scale in s[t]. Each thread owns whole tokens.
+__device__ __forceinline__ void sums_to_scales(float* s, int toks, int n, const ChunkTable& tab, int num_chunks,
+                                               int total, float eps, bool per_chunk) {
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    if (per_chunk) {
+      for (int c = 0; c < num_chunks; ++c)
+        s[c * toks + t] = rsqrtf(s[c * toks + t] / static_cast<float>(tab.c[c].width) + eps);
+    } else {
+      float all = 0.f;
+      for (int c = 0; c < num_chunks; ++c) all += s[c * toks + t];
+      s[t] = rsqrtf(all / static_cast<float>(total) + eps);
+    }
+  }
 }
 
 // Shared memory of fc_mma_kernel, in floats: the partial products [slots][16 MT][8 NT + 1]
@@ -221,19 +238,8 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   }
   if (cur >= 0) flush(cur);
   __syncthreads();  // every warp's partial products and sums of squares are in
-  // The scales, in place of the sums of squares: per (chunk, token) for "chunk"; for
-  // "shared" the row's one scale in slot 0. Each thread owns whole tokens.
   if (stats) {
-    for (int t = threadIdx.x; t < num_tokens; t += blockDim.x) {
-      if (per_chunk) {
-        for (int c = 0; c < num_chunks; ++c)
-          ss_s[c * TOKS + t] = rsqrtf(ss_s[c * TOKS + t] / static_cast<float>(tab.c[c].width) + eps);
-      } else {
-        float all = 0.f;
-        for (int c = 0; c < num_chunks; ++c) all += ss_s[c * TOKS + t];
-        ss_s[t] = rsqrtf(all / static_cast<float>(total) + eps);
-      }
-    }
+    sums_to_scales(ss_s, TOKS, num_tokens, tab, num_chunks, total, eps, per_chunk);
     __syncthreads();
   }
   for (int i = threadIdx.x; i < ROWS * num_tokens; i += blockDim.x) {
@@ -412,16 +418,7 @@ fc_splitk_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
       scale_s[i] = v;
     }
     __syncthreads();
-    for (int t = threadIdx.x; t < TOKS; t += blockDim.x) {
-      if (per_chunk) {
-        for (int c = 0; c < num_chunks; ++c)
-          scale_s[c * TOKS + t] = rsqrtf(scale_s[c * TOKS + t] / static_cast<float>(tab.c[c].width) + eps);
-      } else {
-        float all = 0.f;
-        for (int c = 0; c < num_chunks; ++c) all += scale_s[c * TOKS + t];
-        scale_s[t] = rsqrtf(all / static_cast<float>(total) + eps);
-      }
-    }
+    sums_to_scales(scale_s, TOKS, TOKS, tab, num_chunks, total, eps, per_chunk);
     __syncthreads();
   }
   // The block's slots folded into slot 0 with their scales (each element by one thread).
@@ -545,25 +542,9 @@ constexpr int64_t kSkMaxSmem = 100 * 1024;
 
 // Whether `kernel` holds fc_splitk_kernel's body on `device` (a compute capability 9.x
 // device running the build's sm_90a code; other builds hold the trapping stub, which has no
-// static shared memory). Cached per device and kernel; the caller has made `device` current.
+// static shared memory). The caller has made `device` current.
 bool splitk_runs_here(const void* kernel, int device) {
-  static std::mutex mu;
-  static std::map<std::pair<int, const void*>, bool> known;
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto it = known.find({device, kernel});
-  if (it != known.end()) return it->second;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  bool ok = false;
-  if (major == 9) {
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess)
-      ok = attr.sharedSizeBytes > 0;
-    else
-      (void)cudaGetLastError();
-  }
-  known[{device, kernel}] = ok;
-  return ok;
+  return sm90a_body_runs(kernel, device, [](const cudaFuncAttributes& a) { return a.sharedSizeBytes > 0; });
 }
 
 // The slots of partial products a block needs: the most chunks one of the `split` k ranges
@@ -613,6 +594,8 @@ bool launch_splitk(const ChunkRows& c, const ChunkTable& tab, const at::Tensor& 
   const int slots = slots_for(split);
   const int64_t smem = smem_for(split);
   if (slots > kSkMaxSlots || smem > kSkMaxSmem || tiles * split > INT32_MAX) return false;
+  // (a card that cannot place one such cluster, e.g. a small partition, declines)
+  if (max_active_clusters(kp, device, split, kSkWarps * 32, static_cast<int>(smem)) < 1) return false;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   cudaLaunchConfig_t cfg;
   cudaLaunchAttribute attr;

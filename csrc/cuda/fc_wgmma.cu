@@ -47,8 +47,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <utility>
 
 namespace eagle3::cuda {
@@ -599,26 +597,12 @@ bool encode_map(CUtensorMap* map, at::ScalarType dt, const void* base, int64_t i
 // Whether `kernel` runs its real body on `device`: a Hopper GPU, and a build whose
 // architecture list named 9.0a. A plain 9.0 build reports the same binary and PTX versions
 // but holds only the trapping stub (wgmma needs sm_90a), so the register count tells them
-// apart: the body's accumulators alone take 64-128 registers, the stub 4. Cached per
-// device and kernel; the caller has made `device` current.
+// apart: the body's accumulators alone take 64-128 registers, the stub 4. The caller has
+// made `device` current.
 bool wgmma_runs_here(const void* kernel, int device) {
-  static std::mutex mu;
-  static std::map<std::pair<int, const void*>, bool> known;
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto it = known.find({device, kernel});
-  if (it != known.end()) return it->second;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  bool ok = false;
-  if (major == 9) {
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess)
-      ok = attr.binaryVersion == 90 && attr.ptxVersion >= 90 && attr.numRegs >= 64;
-    else
-      (void)cudaGetLastError();
-  }
-  known[{device, kernel}] = ok;
-  return ok;
+  return sm90a_body_runs(kernel, device, [](const cudaFuncAttributes& a) {
+    return a.binaryVersion == 90 && a.ptxVersion >= 90 && a.numRegs >= 64;
+  });
 }
 
 template <typename T, int BN, int CM>
