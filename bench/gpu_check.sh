@@ -78,7 +78,7 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests-tc timeout 90 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "(wgmma or tensor_cores) and not c2 and not mma-sk" \
   || { export EAGLE3_TUNE_NO_SPLIT_K=1; step diagnose timeout 40 $PY bench/diagnose_wgmma.py; }
 # the split-k mma.sync fc kernel (clusters) in its own step; if it fails, the tune leaves it out
-step tests-sk timeout 60 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "splitk or mma-sk" \
+step tests-sk timeout 90 $PY -m pytest python_tests -m cuda -q -p no:cacheprovider $XDIST -k "splitk or mma-sk" \
   || export EAGLE3_TUNE_NO_MMA_SK=1
 # the wgmma kernel in clusters of two (TMA multicast) in its own step;
 # if it fails, the tune leaves its variants out (a trap would end the tune's process)

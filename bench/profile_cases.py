@@ -133,13 +133,13 @@ def cases():
     # The split-k mma kernel (Hopper; off by default) at T = 8 / 16 / 64: DRAM throughput of
     # its weight stream, L2 traffic of x, and the cost of the cluster's reduction.
     if torch.cuda.get_device_capability()[0] == 9:
-        xs16 = list(torch.randn(16, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
+        xs_t16 = list(torch.randn(16, 3 * H, device=dev, dtype=bf, generator=g).chunk(3, -1))
 
         def splitk(xs):
             with kernel_switches(fc_decode_max_tokens=0, fc_mma_max_tokens=0, fc_splitk_max_tokens=64):
                 return eagle3_ops.rms_norm_cat_linear(xs, w8, EPS, "chunk")
 
-        for T, xs in ((8, xs8), (16, xs16), (64, xs64)):
+        for T, xs in ((8, xs8), (16, xs_t16), (64, xs64)):
             out.append((f"rms_norm_cat_linear chunk T={T} H=4096 mma-sk", lambda xs=xs: splitk(xs)))
     return out
 

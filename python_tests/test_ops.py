@@ -724,12 +724,15 @@ def register_norms():
 @pytest.mark.parametrize("widths", [[4096, 4096, 4096], [7168, 7168], [8192], [256, 512, 64, 1024],
                                     [16384, 8], [768, 8, 8, 8, 8], [769, 100, 64]],
                          ids=["3x4096", "2x7168", "8192", "4mixed", "wide", "5chunks", "odd"])
+@pytest.mark.parametrize("T", [37, 65])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_cat_registers(device, seed, register_norms, dtype, widths, layout, shared):
+def test_rms_norm_cat_registers(device, seed, register_norms, dtype, T, widths, layout, shared):
+    """T=37: blocks sized for one vector per thread, T=65 for two: the kernel's instances
+    for 1 and 2 vectors per thread (for 4 where the block bound leaves no smaller one)."""
     rng = Rng(seed, device)
-    xs, bases = make_chunks(rng, layout, 37, widths, dtype)
+    xs, bases = make_chunks(rng, layout, T, widths, dtype)
     weights = make_weights(rng, "mixed", widths, dtype)
-    check_rms_norm_cat(device, xs, bases, weights, EPS, shared, lead_shape(layout, 37))
+    check_rms_norm_cat(device, xs, bases, weights, EPS, shared, lead_shape(layout, T))
 
 
 @pytest.mark.parametrize("H", [4096, 7168, 16384, 769])
@@ -1106,7 +1109,8 @@ def test_fc_mma_switch_validates_its_argument():
 # ---- the fc's split-k tensor-core kernel (Hopper, T = 1..64, bf16 / fp16) ------------------
 
 
-@pytest.fixture(params=[0, 2, 8], ids=["by-size", "c2", "c8"])
+# (ids without "c2": gpu_check.sh selects the wgmma cluster tests with -k "c2")
+@pytest.fixture(params=[0, 2, 8], ids=["by-size", "cluster-of-2", "cluster-of-8"])
 def splitk_up_to_64(request, device):
     """Route 1 <= T <= 64 through the fc's split-k tensor-core kernel (off by default) with
     the given blocks per cluster (0: by size), the decode and mma kernels off (so a call the
