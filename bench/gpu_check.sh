@@ -109,7 +109,7 @@ step bench timeout $BENCH_S $PY -m bench --device cuda --out "$OUT" "$@"
 echo
 echo "== gpu_check summary"
 printf '%s\n' "${SUMMARY[@]}"
-grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | grep -E " in [0-9.]+s" | tail -2
+grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG" | grep -E " in [0-9.]+s" | tail -4  # tests-tc, -sk, -c2, tests
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cases:|diagnose_wgmma:" "$LOG"
 sed -n '/^===== tune: /,/^===== tune: rc/p' "$LOG" | grep -E " copy [0-9]"
 sed -n '/^| op | T | H | fastest/,/^===== tune: rc/p' "$LOG" | grep -E "^\|"  # the tune's per-case summary
