@@ -79,6 +79,20 @@ __device__ __forceinline__ float sum_squares8(const uint4 raw) {
   return s;
 }
 
+// A warp's sums of squares of its tokens' x (lane (g, tig) holds token 8 j + g's over its
+// columns, ss[j]) added into sums[8 j + g] in shared memory, its registers back to zero.
+template <int NT>
+__device__ __forceinline__ void flush_sums(float (&ss)[NT], float* sums, int g, int tig) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    float v = ss[j];
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    if (tig == 0) atomicAdd(sums + 8 * j + g, v);
+    ss[j] = 0.f;
+  }
+}
+
 // The scales in place of the sums of squares s[chunk * toks + t] of tokens t < n: per
 // (chunk, token) for norm "chunk" (DESIGN.md section 2, item 3: rsqrt(mean(x_k^2) + eps));
 // for "shared" the row's one scale in s[t]. Each thread owns whole tokens.
@@ -158,16 +172,7 @@ fc_mma_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
           atomicAdd(a + row * LD + tok, acc[m][j][q]);
           acc[m][j][q] = 0.f;
         }
-    if (stats) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        float s = ss[j];
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);
-        if (tig == 0) atomicAdd(ss_s + c * TOKS + 8 * j + g, s);
-        ss[j] = 0.f;
-      }
-    }
+    if (stats) flush_sums(ss, ss_s + c * TOKS, g, tig);
   };
 
   const int num_kb = total / kKBlock;
@@ -344,16 +349,7 @@ fc_splitk_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
         a[row * LD + tok] += acc[j][q];
         acc[j][q] = 0.f;
       }
-    if (stats) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        float v = ss[j];
-        v += __shfl_xor_sync(0xffffffffu, v, 1);
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
-        if (tig == 0) atomicAdd(ss_s + c * TOKS + 8 * j + g, v);
-        ss[j] = 0.f;
-      }
-    }
+    if (stats) flush_sums(ss, ss_s + c * TOKS, g, tig);
   };
 
   int ck = c_first;   // chunk of the k-block being loaded
