@@ -470,16 +470,10 @@ std::atomic<int64_t> g_mma_features{0};
 constexpr int64_t kMmaMaxSmem = 48 * 1024;
 
 template <typename T>
-bool launch_typed(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+bool launch_typed(const ChunkRows& c, const ChunkTable& tab, const at::Tensor& weight, float eps, NormMode mode,
+                  at::Tensor& out) {
   const int64_t rows = c.num_rows, N = weight.size(0);
   const int num_chunks = static_cast<int>(c.rows.size());
-  ChunkTable tab{};
-  for (int k = 0; k < num_chunks; ++k) {
-    const at::Tensor& x = c.rows[k];
-    if (!aligned16(x.data_ptr()) || x.stride(0) % 8 != 0 || c.widths[k] % kKBlock != 0) return false;
-    tab.c[k] = ChunkDesc{x.data_ptr(), nullptr, x.stride(0), static_cast<int32_t>(c.widths[k]),
-                         static_cast<int32_t>(c.offsets[k]), 0, 1, kNoWeight};
-  }
   // The configuration: MT m-tiles from the features per block (g_mma_features), NT from T,
   // U from both: registers per thread ~ U (4 MT + 4 NT) + 4 MT NT, so the larger tiles trade
   // loads in flight for accumulators. sm_90a build (registers -> blocks of 256 threads per
@@ -616,38 +610,43 @@ bool launch_splitk_typed(const ChunkRows& c, const ChunkTable& tab, const at::Te
   return launch_splitk<T, 8, 3>(c, tab, weight, eps, mode, out);
 }
 
-}  // namespace
-
-bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+// Whether the mma.sync kernels take a call (T <= max_tokens, a switch's value): bf16 / fp16,
+// at most kMaxChunks chunks, N within an int, the weight [N, total] with contiguous 16-byte
+// aligned rows, a 16-byte aligned output, and every chunk 16-byte aligned with a row stride
+// of whole 8-element vectors and a width of whole k-blocks; fills the chunk table `tab`.
+bool mma_takes(const ChunkRows& c, const at::Tensor& weight, const at::Tensor& out, int64_t max_tokens,
+               ChunkTable& tab) {
   const int64_t T = c.num_rows, N = weight.size(0);
-  if (T < 1 || N < 1 || T > std::min(g_mma_max_tokens.load(std::memory_order_relaxed), kMmaMaxTokens)) return false;
+  if (T < 1 || N < 1 || T > std::min(max_tokens, kMmaMaxTokens)) return false;
   if (c.rows.size() > static_cast<size_t>(kMaxChunks) || N > INT32_MAX) return false;
   if (weight.stride(1) != 1 || weight.stride(0) != c.total_width || !aligned16(weight.data_ptr())) return false;
   if (!aligned16(out.data_ptr())) return false;
   const at::ScalarType dt = c.rows[0].scalar_type();
-  if (dt == at::kBFloat16) return launch_typed<__nv_bfloat16>(c, weight, eps, mode, out);
-  if (dt == at::kHalf) return launch_typed<__half>(c, weight, eps, mode, out);
-  return false;  // fp32: rms_norm_cat + GEMM
-}
-
-bool launch_fc_splitk(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
-  const int64_t T = c.num_rows, N = weight.size(0);
-  if (T < 1 || N < 1 || T > std::min(g_splitk_max_tokens.load(std::memory_order_relaxed), kMmaMaxTokens)) return false;
-  if (c.rows.size() > static_cast<size_t>(kMaxChunks) || N > INT32_MAX) return false;
-  if (weight.stride(1) != 1 || weight.stride(0) != c.total_width || !aligned16(weight.data_ptr())) return false;
-  if (!aligned16(out.data_ptr())) return false;
-  const at::ScalarType dt = c.rows[0].scalar_type();
-  if (dt != at::kBFloat16 && dt != at::kHalf) return false;  // fp32: the other paths
-  const int num_chunks = static_cast<int>(c.rows.size());
-  ChunkTable tab{};
-  for (int k = 0; k < num_chunks; ++k) {
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;  // fp32: rms_norm_cat + GEMM
+  for (size_t k = 0; k < c.rows.size(); ++k) {
     const at::Tensor& x = c.rows[k];
     if (!aligned16(x.data_ptr()) || x.stride(0) % 8 != 0 || c.widths[k] % kKBlock != 0) return false;
     tab.c[k] = ChunkDesc{x.data_ptr(), nullptr, x.stride(0), static_cast<int32_t>(c.widths[k]),
                          static_cast<int32_t>(c.offsets[k]), 0, 1, kNoWeight};
   }
+  return true;
+}
+
+}  // namespace
+
+bool launch_fc_mma(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  ChunkTable tab{};
+  if (!mma_takes(c, weight, out, g_mma_max_tokens.load(std::memory_order_relaxed), tab)) return false;
+  if (c.rows[0].scalar_type() == at::kBFloat16) return launch_typed<__nv_bfloat16>(c, tab, weight, eps, mode, out);
+  return launch_typed<__half>(c, tab, weight, eps, mode, out);
+}
+
+bool launch_fc_splitk(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out) {
+  ChunkTable tab{};
+  if (!mma_takes(c, weight, out, g_splitk_max_tokens.load(std::memory_order_relaxed), tab)) return false;
   const c10::cuda::CUDAGuard guard(weight.device());
-  if (dt == at::kBFloat16) return launch_splitk_typed<__nv_bfloat16>(c, tab, weight, eps, mode, out);
+  if (c.rows[0].scalar_type() == at::kBFloat16)
+    return launch_splitk_typed<__nv_bfloat16>(c, tab, weight, eps, mode, out);
   return launch_splitk_typed<__half>(c, tab, weight, eps, mode, out);
 }
 
