@@ -422,8 +422,10 @@ fc_splitk_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   for (int i = threadIdx.x; i < kSkFeatures * TOKS; i += blockDim.x) {
     const int row = i / TOKS, tok = i % TOKS;
     float v = 0.f;
-    for (int sl = 0; sl < used; ++sl)
-      v += acc_s[(sl * kSkFeatures + row) * LD + tok] * (stats ? scale_s[(per_chunk ? first_chunk + sl : 0) * TOKS + tok] : 1.f);
+    for (int sl = 0; sl < used; ++sl) {
+      const float scale = stats ? scale_s[(per_chunk ? first_chunk + sl : 0) * TOKS + tok] : 1.f;
+      v += acc_s[(sl * kSkFeatures + row) * LD + tok] * scale;
+    }
     acc_s[row * LD + tok] = v;
   }
   cluster_sync();  // 2: every block's folded partials are complete
