@@ -204,12 +204,13 @@ int norm_carveout(int64_t rows, int64_t block_smem, int threads, int64_t weight_
 
 int64_t set_norm_carveout(int64_t value) { return query_or_set(g_norm_carveout, value); }
 
-void configure_staging_kernel(const void* kernel, int device) {
+void configure_staging_kernel(const void* kernel, int device, bool largest_carveout) {
   // Once per device and kernel, under a lock (another host thread may launch the same
   // kernel): the largest dynamic shared memory a launch may ask for (the opt-in maximum
   // less the kernel's static shared memory -- the runtime refuses a sum above it -- so no
-  // launch lowers it under another's feet) and the largest shared-memory carveout. The
-  // kernel counts as configured only once both succeeded.
+  // launch lowers it under another's feet) and, where asked, the largest shared-memory
+  // carveout. The kernel counts as configured only once that succeeded. (A kernel is
+  // always configured with the same largest_carveout.)
   static std::mutex mu;
   static std::set<std::pair<int, const void*>> done;
   const std::lock_guard<std::mutex> lock(mu);
@@ -218,8 +219,9 @@ void configure_staging_kernel(const void* kernel, int device) {
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       max_smem_optin(device) - static_cast<int>(attr.sharedSizeBytes)));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
+  if (largest_carveout)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
   done.insert({device, kernel});
 }
 

@@ -302,8 +302,11 @@ inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
 // Before a launch of a staging kernel: raise its dynamic shared-memory limit to the opt-in
 // maximum and ask for the largest shared-memory carveout (once per device and kernel), so
 // the rows in flight per SM are bounded by the stage size, not by the L1 / shared split
-// (a launch may ask for less: norm_carveout, launch_with_carveout).
-void configure_staging_kernel(const void* kernel, int device);
+// (a launch may ask for less: norm_carveout, launch_with_carveout). largest_carveout false:
+// the limit only, the carveout left to the driver (which sizes shared memory for the
+// resident blocks and leaves the rest to L1: the split-k fc kernel's warps share their x
+// fragments through L1).
+void configure_staging_kernel(const void* kernel, int device, bool largest_carveout = true);
 
 // The shared-memory carveout (percent) for a staged norm launch of `rows` rows, blocks of
 // `threads` threads and `block_smem` bytes of dynamic shared memory, reading `weight_bytes`

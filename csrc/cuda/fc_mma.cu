@@ -570,7 +570,10 @@ bool launch_splitk(const ChunkRows& c, const ChunkTable& tab, const at::Tensor& 
   auto smem_for = [&](int split) {
     return sk_smem_floats(NT, slots_for(split), num_chunks) * static_cast<int64_t>(sizeof(float));
   };
-  configure_staging_kernel(kp, device);  // the opt-in shared-memory limit (more than 48 KB at T > 32)
+  // the opt-in shared-memory limit (more than 48 KB at T > 32); the carveout left to the
+  // driver, so L1 keeps what two blocks' shared memory leaves: the x fragments the 8 warps of
+  // a block share take 12 KB per step at T = 33..64, and the largest carveout leaves 28 KB
+  configure_staging_kernel(kp, device, false);
   int split = static_cast<int>(g_splitk_cluster.load(std::memory_order_relaxed));
   if (split == 0) {
     split = 2;
