@@ -43,10 +43,13 @@ __device__ __forceinline__ void cluster_sync() {
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// Whether `kernel` runs its sm_90a body on `device`: a compute capability 9.x device, and
-// has_body(its attributes) -- each kernel tells its body from the trapping stub that builds
-// without sm_90a hold. Cached per device and kernel; the caller has made `device` current.
-bool sm90a_body_runs(const void* kernel, int device, bool (*has_body)(const cudaFuncAttributes&));
+// Whether `kernel` (a wgmma or cluster kernel whose body only an sm_90a build holds) runs
+// that body on `device`: a compute capability 9.x device, and a build whose architecture
+// list named 9.0a. A plain 9.0 build reports the same binary and PTX versions but holds
+// only the trapping stub, so the register count tells them apart: the bodies take 64 or
+// more (the wgmma kernel's accumulators alone 64-128, the split-k kernel 100-128), the stub
+// 4. Cached per device and kernel; the caller has made `device` current.
+bool sm90a_body_runs(const void* kernel, int device);
 
 // A launch of `grid` blocks of `threads` threads with `smem` bytes each, in clusters of
 // `size` blocks along x (a 1-D grid: blockIdx.x % size is the block's rank in its cluster);

@@ -33,7 +33,7 @@ int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMem
 
 int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
-bool sm90a_body_runs(const void* kernel, int device, bool (*has_body)(const cudaFuncAttributes&)) {
+bool sm90a_body_runs(const void* kernel, int device) {
   static std::mutex mu;
   static std::map<std::pair<int, const void*>, bool> known;
   const std::lock_guard<std::mutex> lock(mu);
@@ -43,7 +43,7 @@ bool sm90a_body_runs(const void* kernel, int device, bool (*has_body)(const cuda
   if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) == 9) {
     cudaFuncAttributes attr{};
     if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess)
-      ok = has_body(attr);
+      ok = attr.binaryVersion == 90 && attr.ptxVersion >= 90 && attr.numRegs >= 64;
     else
       (void)cudaGetLastError();
   }

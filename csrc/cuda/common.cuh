@@ -238,8 +238,8 @@ int64_t stage_weights_bytes(const StagePlan& plan, int64_t rows, int64_t weight_
 
 // The register-resident strategy of the norm kernels (set_norm_registers): every thread
 // keeps its vectors (up to kRegVecs) of each chunk in registers between the sum of squares
-// and the scaled write (the row is read once, nothing is staged). Used, when switched on, for rows
-// whose chunks all allow 16-byte accesses, at most kRegMaxChunks chunks, and at most
+// and the scaled write (the row is read once, nothing is staged). Used, when switched on,
+// for rows whose chunks all allow 16-byte accesses, at most kRegMaxChunks chunks, and at most
 // kRegVecs x reg_max_threads(K) vectors per chunk; reg_threads gives the block size, 0 when a
 // row does not qualify.
 constexpr int kRegVecs = 4;
@@ -277,21 +277,18 @@ inline int reg_threads(int64_t max_vecs, int num_chunks, bool all_vec, int64_t r
   return std::max(32, t);
 }
 
-// The vectors per thread of the register kernels' instance for a block of `threads` threads
-// over rows of `max_vecs` vectors (reg_threads): 1, 2 or kRegVecs. Each instance sizes its
-// register arrays by it: with arrays for 4 the bf16 fused_add_rms_norm kernel took 98
-// registers (25% occupancy, Nsight Compute, H200) also in its blocks of 2 vectors per thread.
-inline int reg_vecs(int64_t max_vecs, int threads) {
+// f(std::integral_constant<int, nv>{}) with nv the vectors per thread of the register
+// kernels' instance for a block of `threads` threads over rows of `max_vecs` vectors
+// (reg_threads): 1, 2 or kRegVecs. Each instance sizes its register arrays by it: with
+// arrays for 4 the bf16 fused_add_rms_norm kernel took 98 registers (25% occupancy, Nsight
+// Compute, H200) also in its blocks of 2 vectors per thread.
+template <typename F>
+void with_reg_vecs(int64_t max_vecs, int threads, F&& f) {
   const int64_t n = (max_vecs + threads - 1) / threads;
   TORCH_CHECK(n <= kRegVecs, "eagle3 register norm kernel: ", max_vecs, " vectors over ", threads,
               " threads exceed ", kRegVecs, " per thread");
-  return n <= 1 ? 1 : n <= 2 ? 2 : kRegVecs;
-}
-// f(std::integral_constant<int, nv>{}) for nv = reg_vecs(...), one of 1, 2, kRegVecs.
-template <typename F>
-void with_reg_vecs(int nv, F&& f) {
-  if (nv == 1) f(std::integral_constant<int, 1>{});
-  else if (nv == 2) f(std::integral_constant<int, 2>{});
+  if (n <= 1) f(std::integral_constant<int, 1>{});
+  else if (n <= 2) f(std::integral_constant<int, 2>{});
   else f(std::integral_constant<int, kRegVecs>{});
 }
 
@@ -300,12 +297,12 @@ inline WeightKind weight_kind(const at::Tensor* w, at::ScalarType x) {
   return !w || !w->defined() ? kNoWeight : (w->scalar_type() == x ? kWeightSameType : kWeightFp32);
 }
 // Before a launch of a staging kernel: raise its dynamic shared-memory limit to the opt-in
-// maximum and ask for the largest shared-memory carveout (once per device and kernel), so
-// the rows in flight per SM are bounded by the stage size, not by the L1 / shared split
-// (a launch may ask for less: norm_carveout, launch_with_carveout). largest_carveout false:
-// the limit only, the carveout left to the driver (which sizes shared memory for the
-// resident blocks and leaves the rest to L1: the split-k fc kernel's warps share their x
-// fragments through L1).
+// maximum (less its static shared memory) and ask for the largest shared-memory carveout
+// (once per device and kernel), so the rows in flight per SM are bounded by the stage size,
+// not by the L1 / shared split (a launch may ask for less: norm_carveout,
+// launch_with_carveout). largest_carveout false: the limit only, the carveout left to the
+// driver (which sizes shared memory for the resident blocks and leaves the rest to L1: the
+// split-k fc kernel's warps share their x fragments through L1).
 void configure_staging_kernel(const void* kernel, int device, bool largest_carveout = true);
 
 // The shared-memory carveout (percent) for a staged norm launch of `rows` rows, blocks of

@@ -302,9 +302,6 @@ fc_splitk_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   static_assert(sizeof(T) == 2, "bf16 / fp16 only");
   constexpr int TOKS = 8 * NT, LD = sk_ld(NT);
   extern __shared__ __align__(16) float smem_f[];
-  // (a static array, so that the host can tell this body from the stub of other builds:
-  // launch_fc_splitk reads cudaFuncAttributes::sharedSizeBytes)
-  __shared__ int first_chunk;
   const bool per_chunk = mode == static_cast<int>(NormMode::kChunk);
   const bool stats = mode != static_cast<int>(NormMode::kNone);
   float* acc_s = smem_f;                                  // [slots][kSkFeatures][LD]
@@ -321,7 +318,6 @@ fc_splitk_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   while (c_first + 1 < num_chunks && kb_begin * kKBlock >= tab.c[c_first + 1].out_off) ++c_first;
 
   for (int i = threadIdx.x; i < slots * kSkFeatures * LD + num_chunks * TOKS; i += blockDim.x) smem_f[i] = 0.f;
-  if (threadIdx.x == 0) first_chunk = c_first;
   __syncthreads();
 
   // This warp's two weight rows (clamped: rows past N are computed and never written).
@@ -418,12 +414,12 @@ fc_splitk_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
     __syncthreads();
   }
   // The block's slots folded into slot 0 with their scales (each element by one thread).
-  const int used = per_chunk ? min(slots, num_chunks - first_chunk) : 1;
+  const int used = per_chunk ? min(slots, num_chunks - c_first) : 1;
   for (int i = threadIdx.x; i < kSkFeatures * TOKS; i += blockDim.x) {
     const int row = i / TOKS, tok = i % TOKS;
     float v = 0.f;
     for (int sl = 0; sl < used; ++sl) {
-      const float scale = stats ? scale_s[(per_chunk ? first_chunk + sl : 0) * TOKS + tok] : 1.f;
+      const float scale = stats ? scale_s[(per_chunk ? c_first + sl : 0) * TOKS + tok] : 1.f;
       v += acc_s[(sl * kSkFeatures + row) * LD + tok] * scale;
     }
     acc_s[row * LD + tok] = v;
@@ -440,7 +436,7 @@ fc_splitk_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks,
   }
   cluster_sync();  // 3: no block leaves while another reads its shared memory
 #else
-  __trap();  // a build without sm_90a; launch_fc_splitk does not launch it
+  __trap();  // a build without sm_90a; launch_fc_splitk does not launch it (sm90a_body_runs)
 #endif
 }
 
@@ -532,13 +528,6 @@ std::atomic<int64_t> g_splitk_cluster{0};
 // norm "chunk" at T = 33..64 takes 70 KB (two slots). Past it the call goes to the next path.
 constexpr int64_t kSkMaxSmem = 100 * 1024;
 
-// Whether `kernel` holds fc_splitk_kernel's body on `device` (a compute capability 9.x
-// device running the build's sm_90a code; other builds hold the trapping stub, which has no
-// static shared memory). The caller has made `device` current.
-bool splitk_runs_here(const void* kernel, int device) {
-  return sm90a_body_runs(kernel, device, [](const cudaFuncAttributes& a) { return a.sharedSizeBytes > 0; });
-}
-
 // The slots of partial products a block needs: the most chunks one of the `split` k ranges
 // of fc_splitk_kernel touches (num_kb k-blocks of kKBlock, chunk k starting at offsets[k]).
 int splitk_slots(const ChunkRows& c, int num_kb, int split) {
@@ -562,7 +551,7 @@ bool launch_splitk(const ChunkRows& c, const ChunkTable& tab, const at::Tensor& 
   const auto kernel = fc_splitk_kernel<T, NT, U>;
   const void* kp = reinterpret_cast<const void*>(kernel);
   const int device = weight.get_device();
-  if (!splitk_runs_here(kp, device)) return false;
+  if (!sm90a_body_runs(kp, device)) return false;
   const int num_chunks = static_cast<int>(c.rows.size());
   const int num_kb = static_cast<int>(c.total_width / kKBlock);
   const int64_t N = weight.size(0), tiles = (N + kSkFeatures - 1) / kSkFeatures;

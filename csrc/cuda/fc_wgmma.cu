@@ -485,7 +485,7 @@ fc_wgmma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant_
   // No block leaves while the other may still multicast into it or arrive on its barriers.
   if constexpr (CM > 1) cluster_sync();
 #else
-  __trap();  // launched only where the sm_90a code was built and selected (wgmma_runs_here)
+  __trap();  // launched only where the sm_90a code was built and selected (sm90a_body_runs)
 #endif
 }
 
@@ -594,17 +594,6 @@ bool encode_map(CUtensorMap* map, at::ScalarType dt, const void* base, int64_t i
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Whether `kernel` runs its real body on `device`: a Hopper GPU, and a build whose
-// architecture list named 9.0a. A plain 9.0 build reports the same binary and PTX versions
-// but holds only the trapping stub (wgmma needs sm_90a), so the register count tells them
-// apart: the body's accumulators alone take 64-128 registers, the stub 4. The caller has
-// made `device` current.
-bool wgmma_runs_here(const void* kernel, int device) {
-  return sm90a_body_runs(kernel, device, [](const cudaFuncAttributes& a) {
-    return a.binaryVersion == 90 && a.ptxVersion >= 90 && a.numRegs >= 64;
-  });
-}
-
 template <typename T, int BN, int CM>
 bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMode mode, at::Tensor& out,
                  int64_t split_k) {
@@ -613,7 +602,7 @@ bool launch_tile(const ChunkRows& c, const at::Tensor& weight, float eps, NormMo
   const auto kernel = fc_wgmma_kernel<T, BN, CM>;
   const int device = weight.get_device();
   const c10::cuda::CUDAGuard guard(weight.device());
-  if (!wgmma_runs_here(reinterpret_cast<const void*>(kernel), device)) return false;
+  if (!sm90a_body_runs(reinterpret_cast<const void*>(kernel), device)) return false;
   if (max_smem_optin(device) < smem_bytes_for(BN)) return false;
   const int64_t T_ = c.num_rows, N = weight.size(0);
   const int num_chunks = static_cast<int>(c.rows.size());

@@ -132,7 +132,7 @@ fused_add_rms_norm_kernel(const T* __restrict__ x, const int64_t x_stride,      
 // _norm_stage_weights rows, with a weight): each thread also loads its vectors' norm
 // weights with the row, so they arrive in the row's one round trip rather than as a
 // dependent load after the reduction (the staged kernel's weight staging, in registers).
-// One instance per NV (1, 2 or kRegVecs: reg_vecs), which sizes the register arrays.
+// One instance per NV (1, 2 or kRegVecs: with_reg_vecs), which sizes the register arrays.
 template <typename T, bool kPreW, int NV>
 __global__ void __launch_bounds__(kRegMaxThreads)
 fused_add_rms_norm_regs_kernel(const T* __restrict__ x, const int64_t x_stride, const T* __restrict__ res,
@@ -201,7 +201,7 @@ void launch_fused_add(const at::Tensor& x2, const at::Tensor& r2, const at::Tens
     if (const int rthreads = reg_threads(vec ? width / V : width, 1, vec, rows); rthreads > 0) {
       // (reg_threads takes only 16-byte rows, so the weight, if any, is 16-byte aligned)
       const bool pre_w = wp != nullptr && rows <= set_norm_stage_weights(-1);
-      with_reg_vecs(reg_vecs(width / V, rthreads), [&](auto nv) {
+      with_reg_vecs(width / V, rthreads, [&](auto nv) {
         constexpr int NV = decltype(nv)::value;
         auto* kernel = pre_w ? fused_add_rms_norm_regs_kernel<scalar_t, true, NV>
                              : fused_add_rms_norm_regs_kernel<scalar_t, false, NV>;

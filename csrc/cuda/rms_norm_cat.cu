@@ -166,7 +166,7 @@ rms_norm_cat_kernel(const __grid_constant__ ChunkTable tab, const int num_chunks
 }
 
 // The register-resident strategy (norm_registers): one block per row, every thread loads
-// its NV vectors (1, 2 or kRegVecs: reg_vecs) of each of the (at most KMAX) chunks into
+// its NV vectors (1, 2 or kRegVecs: with_reg_vecs) of each of the (at most KMAX) chunks into
 // registers with streaming loads -- all loads of the row in flight at once, as a copy kernel
 // has them -- sums their squares, and writes the scaled vectors from registers. The row is
 // read from memory once, nothing is staged, and the only barrier is the one around the
@@ -290,7 +290,7 @@ void launch_norm_cat(const ChunkRows& c, const std::vector<at::Tensor>& weights_
       // by both (K=3, the aux states, must not pay for a fourth chunk's registers, nor a
       // block of 2 vectors per thread for 4).
       static_assert(kRegMaxChunks == 4, "one instance per chunk count up to kRegMaxChunks");
-      with_reg_vecs(reg_vecs(max_vecs, rthreads), [&](auto nv) {
+      with_reg_vecs(max_vecs, rthreads, [&](auto nv) {
         constexpr int NV = decltype(nv)::value;
         auto* kernel = num_chunks == 1   ? rms_norm_cat_regs_kernel<scalar_t, 1, NV>
                        : num_chunks == 2 ? rms_norm_cat_regs_kernel<scalar_t, 2, NV>
