@@ -67,17 +67,17 @@ def run_cases(one: bool, g: torch.Generator, aligned: bool) -> int:
 def run(one: bool) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     cases = 0
-    # Every kernel path, each pass its switches on top of the defaults: the staged, two-pass
-    # and register-resident norms (fused_add_rms_norm's with its weights loaded with the
-    # row; blocks of 1, 2 and 4 vectors per thread), the fc's decode kernel up to T=8, its mma.sync kernel (T = 5 here; 32 and 64
-    # features per block), its wgmma kernel (every T, Hopper only; aligned views, the only
-    # ones it takes), also with its k range split over clusters of three and in clusters of
-    # two, the fc's split-k mma.sync kernel (by size and in clusters of 8), rms_norm_cat with
-    # one block per (row, chunk), the staged norms launched with a
-    # shared-memory carveout, and the norm weights staged with the rows (blocks of one and
-    # two vectors per thread). The wgmma kernel takes the norm statistics from its tiles
-    # where they apply (its default): norm "shared" and one-chunk "chunk" in every pass, and
-    # with the k range split over three blocks, K=3 "chunk".
+    # Every kernel path, each pass its switches on top of the defaults: the staged, two-pass and
+    # register-resident norms (fused_add_rms_norm's with its weights loaded with the row; blocks
+    # of 1, 2 and 4 vectors per thread), the fc's decode kernel up to T=8, its mma.sync kernel
+    # (T = 5 here; 32 and 64 features per block), its wgmma kernel (every T, Hopper only;
+    # aligned views, the only ones it takes), also with its k range split over clusters of three
+    # and in clusters of two, the fc's split-k mma.sync kernel (by size and in clusters of 8),
+    # rms_norm_cat with one block per (row, chunk), the staged norms launched with a
+    # shared-memory carveout, and the norm weights staged with the rows (blocks of one and two
+    # vectors per thread). The wgmma kernel takes the norm statistics from its tiles where they
+    # apply (its default): norm "shared" and one-chunk "chunk" in every pass, and with the k
+    # range split over three blocks, K=3 "chunk".
     passes = (
         (dict(fc_decode_max_tokens=8), (False, True)),
         (dict(norm_stage_limit=0), (False, True)),

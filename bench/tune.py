@@ -11,28 +11,27 @@ weights are staged with the row (``_norm_stage_weights``), and the register kern
 the row, and "registers v2" at T=16384). ``--parts carveout``: the staged norm kernels'
 shared-memory carveout in large launches (``_norm_carveout``: by size, 100, 71);
 ``--parts registers``: the register kernels at T = 4096 / 16384 with 1, 2 or 4 vectors per
-thread against the defaults. For the fc
-(``--parts fc``, T = 1..64, H = 4096, 5120, 7168): the defaults, the mma.sync kernel at any
-grid with 16, 32 or 64 features per block ("mma f16" ...: ``_fc_mma_max_tokens``,
-``_fc_mma_max_waves(0)``, ``_fc_mma_features``), on Hopper from T=8 the wgmma kernel with
-its k range split over clusters ("wgmma-128 sk", "wgmma-256 sk": ``_fc_wgmma_split_k(0)``,
-the norm statistics added up over the cluster; "wgmma-128 sk pre": from a pre-pass,
-``_fc_wgmma_tile_stats(0)``), and rms_norm_cat + cuBLAS. On Hopper, ``--parts splitk``: the
-split-k mma.sync kernel (T = 1..64, H = 4096 / 7168; clusters by size and of 2, 4, 8
-blocks: ``_fc_splitk_max_tokens``, ``_fc_splitk_cluster``) against the defaults and the
-pair; ``--parts prefill``: the
-wgmma kernel's norm statistics at T = 2048 / 16384, H = 4096 / 7168, norm "shared" (from the
-pre-pass, in multicast pairs too, or from each block's tiles) and "chunk" (the pre-pass, or
-one block per chunk of a cluster of three, "sk3"); ``--parts wgmma``: the wgmma kernel (128
-or 256 features per block; "c2": clusters of two blocks multicasting the weight tiles; "sk"
-and "sk pre" at T=128) against rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192
-(``_fc_wgmma_min_tokens`` / ``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster`` /
-``_fc_wgmma_split_k``). Each row names the path that served it (``_fc_last_path``; for the
-norm kernels the launch's plan, ``_norm_last_plan``: strategy, weights staged, threads per
-block), so a kernel that declined shows as such. Each figure is a median on rotated inputs
-(CUDA-graph replay for T <= 64, events above), the variants of a case timed together in
-interleaved turns (bench/timing.py), beside the copy bandwidth measured in the same run and
-the variant's error against float64. The defaults in csrc/ are chosen from these tables.
+thread against the defaults. For the fc (``--parts fc``, T = 1..64, H = 4096, 5120, 7168): the
+defaults, the mma.sync kernel at any grid with 16, 32 or 64 features per block ("mma f16"
+...: ``_fc_mma_max_tokens``, ``_fc_mma_max_waves(0)``, ``_fc_mma_features``), on Hopper from
+T=8 the wgmma kernel with its k range split over clusters ("wgmma-128 sk", "wgmma-256 sk":
+``_fc_wgmma_split_k(0)``, the norm statistics added up over the cluster; "wgmma-128 sk pre":
+from a pre-pass, ``_fc_wgmma_tile_stats(0)``), and rms_norm_cat + cuBLAS. On Hopper,
+``--parts splitk``: the split-k mma.sync kernel (T = 1..64, H = 4096 / 7168; clusters by
+size and of 2, 4, 8 blocks: ``_fc_splitk_max_tokens``, ``_fc_splitk_cluster``) against the
+defaults and the pair; ``--parts prefill``: the wgmma kernel's norm statistics at T = 2048 /
+16384, H = 4096 / 7168, norm "shared" (from the pre-pass, in multicast pairs too, or from
+each block's tiles) and "chunk" (the pre-pass, or one block per chunk of a cluster of three,
+"sk3"); ``--parts wgmma``: the wgmma kernel (128 or 256 features per block; "c2": clusters
+of two blocks multicasting the weight tiles; "sk" and "sk pre" at T=128) against
+rms_norm_cat + cuBLAS over T = 128..16384 x H = 4096..8192 (``_fc_wgmma_min_tokens`` /
+``_fc_wgmma_tile_n`` / ``_fc_wgmma_cluster`` / ``_fc_wgmma_split_k``). Each row names the
+path that served it (``_fc_last_path``; for the norm kernels the launch's plan,
+``_norm_last_plan``: strategy, weights staged, threads per block), so a kernel that declined
+shows as such. Each figure is a median on rotated inputs (CUDA-graph replay for T <= 64,
+events above), the variants of a case timed together in interleaved turns (bench/timing.py),
+beside the copy bandwidth measured in the same run and the variant's error against float64.
+The defaults in csrc/ are chosen from these tables.
 """
 
 from __future__ import annotations
